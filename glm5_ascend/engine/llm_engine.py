@@ -1,0 +1,246 @@
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out (vLLM's shape)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glm5_ascend.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                                parse_dtype)
+from glm5_ascend.engine.block_manager import BlockManager
+from glm5_ascend.engine.detokenizer import IncrementalDetokenizer
+from glm5_ascend.engine.model_runner import ModelRunner, StepResult
+from glm5_ascend.engine.sampling_params import SamplingParams
+from glm5_ascend.engine.scheduler import Scheduler
+from glm5_ascend.engine.sequence import (CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence)
+
+logger = logging.getLogger(__name__)
+
+
+def create_engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
+                         max_model_len: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
+                         tensor_parallel_size: int = 1, block_size: int = 128, max_num_seqs: int = 256,
+                         max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                         enable_chunked_prefill: bool = True, num_gpu_blocks_override: int | None = None,
+                         enable_expert_parallel: bool = False) -> EngineConfig:
+    """Engine configuration from vLLM-named arguments, validated."""
+    mcfg = ModelConfig.from_pretrained(model)
+    default = mcfg.torch_dtype()
+    if default == torch.float32 or dtype != "auto":
+        torch_dtype = parse_dtype(dtype, default)
+    else:
+        torch_dtype = default
+    max_len = max_model_len if max_model_len is not None else mcfg.max_position_embeddings
+    if max_len < 2:
+        raise ValueError(f"--max-model-len {max_len} must be at least 2")
+    batched = max_num_batched_tokens or max(8192, max_len if not enable_chunked_prefill else 0)
+    return EngineConfig(
+        model_path=str(model), model=mcfg,
+        cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, num_gpu_blocks_override),
+        scheduler=SchedulerConfig(max_num_seqs, batched, max_len, enable_chunked_prefill),
+        parallel=ParallelConfig(tensor_parallel_size), dtype=torch_dtype, device=device, seed=seed,
+        tokenizer_path=tokenizer)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        from transformers import AutoTokenizer
+        self.config = config
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        eos = set(config.model.eos_token_id)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.runner = ModelRunner(config, eos)
+        sc = config.scheduler
+        bm = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        capacity = bm.num_blocks * bm.block_size
+        if bm.blocks_needed(sc.max_model_len) > bm.num_blocks:
+            raise ValueError(f"--max-model-len {sc.max_model_len} does not fit in the KV cache ({capacity} tokens); "
+                             "lower --max-model-len or give the cache more memory")
+        self.block_manager = bm
+        self.scheduler = Scheduler(sc, bm)
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.finished_reasons: dict[str, int] = {}
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", bm.num_blocks, bm.block_size,
+                    bm.num_blocks * self.runner.bytes_per_block() / (1 << 30))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # ---- requests ----
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("The prompt is empty; send at least one token.")
+        vocab = self.config.model.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is out of vocabulary (vocab_size={vocab}).")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model "
+                             f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller "
+                             "than the number of text tokens plus one generated token.")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, arrival: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_ids)
+        arrival = arrival if arrival is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            child = params if params.seed is None or params.n == 1 else params.clone(seed=params.seed + i)
+            seq = Sequence(request_id, i, prompt_ids, child, arrival)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child.skip_special_tokens)
+            if child.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device)
+                seq.generator.manual_seed(child.seed)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, seqs, RequestMetrics(arrival))
+        self.prompt_tokens_total += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                self.finished_reasons["abort"] = self.finished_reasons.get("abort", 0) + 1
+        return self._output(req, {})
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- stepping ----
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        self._record_prompt_logprobs(result)
+        new_tokens: dict[str, dict[int, int]] = {}
+        now = time.monotonic()
+        for i, seq in enumerate(result.sampled):
+            self._append(seq, result, i, now)
+            new_tokens.setdefault(seq.request_id, {})[seq.index] = 1
+        outputs = []
+        for rid in {s.request_id for s in batch.seqs}:
+            req = self.requests.get(rid)
+            if req is None or rid not in new_tokens:
+                continue
+            outputs.append(self._output(req, new_tokens[rid]))
+            if outputs[-1].finished:
+                del self.requests[rid]
+        return outputs
+
+    def _append(self, seq: Sequence, result: StepResult, i: int, now: float) -> None:
+        s = result.samples
+        token = s.token_ids[i]
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.cumulative_logprob += s.logprobs[i]
+        if seq.logprobs is not None:
+            entry = {token: Logprob(s.logprobs[i], s.top[i][2])}
+            for rank, (tid, lp) in enumerate(zip(s.top[i][0], s.top[i][1]), start=1):
+                entry.setdefault(tid, Logprob(lp, rank))
+            seq.logprobs.append(entry)
+        if seq.params.detokenize:
+            seq.output_text += seq.detok.step(seq.token_ids)
+        self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = stop_reason = None
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif p.stop and p.detokenize:
+                hit = _find_stop(seq.output_text, p.stop, p.include_stop_str_in_output)
+                if hit is not None:
+                    seq.output_text, stop_reason = hit
+                    reason = "stop"
+        if reason is None and (seq.num_output_tokens >= (p.max_tokens or float("inf"))
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if stop_reason is None and p.detokenize and reason == "length":
+                seq.output_text += seq.detok.flush(seq.token_ids)
+            self.scheduler.finish(seq, reason, stop_reason)
+            self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
+
+    def _record_prompt_logprobs(self, result: StepResult) -> None:
+        for seq, first, lps, top_ids, top_lps, ranks in result.prompt_logprobs:
+            for j, lp in enumerate(lps):
+                pos = first + j
+                entry = {seq.token_ids[pos]: Logprob(lp, ranks[j])}
+                for rank, (tid, tlp) in enumerate(zip(top_ids[j], top_lps[j]), start=1):
+                    entry.setdefault(tid, Logprob(tlp, rank))
+                if pos < len(seq.prompt_logprobs):
+                    seq.prompt_logprobs[pos] = entry
+                else:
+                    seq.prompt_logprobs.append(entry)
+
+    def _output(self, req: _Request, new_counts: dict[int, int]) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.output_text
+            p = seq.params
+            if not seq.is_finished and p.stop and not p.include_stop_str_in_output:
+                hold = max(len(s) for s in p.stop) - 1  # never stream the start of a stop string
+                text = text[: max(0, len(text) - hold)]
+            outs.append(CompletionOutput(seq.index, text, seq.output_ids, seq.cumulative_logprob,
+                                         seq.logprobs, seq.finish_reason, seq.stop_reason))
+        finished = all(s.is_finished for s in req.seqs)
+        m = req.metrics
+        m.first_token_time = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+        m.first_scheduled_time = min((s.first_scheduled for s in req.seqs if s.first_scheduled), default=None)
+        if finished:
+            m.finished_time = time.monotonic()
+        first = req.seqs[0]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             first.prompt_logprobs, first.num_cached_tokens, m,
+                             [new_counts.get(s.index, 0) for s in req.seqs])
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": bm.usage(), "prefix_cache_queries": bm.prefix_queries,
+                "prefix_cache_hits": bm.prefix_hits, "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total}
+
+
+def _find_stop(text: str, stops: list[str], include: bool):
+    """(truncated text, stop string) for the earliest stop string in text, else None."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    if best is None:
+        return None
+    i, s = best
+    return (text[: i + len(s)] if include else text[:i]), s

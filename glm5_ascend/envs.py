@@ -1,0 +1,49 @@
+"""Every GLM5_* environment variable, typed, in one place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def ops_backend() -> str | None:
+    """GLM5_OPS_BACKEND: force every op to one backend (reference | npu | cuda)."""
+    return _str("GLM5_OPS_BACKEND")
+
+
+def ops_backend_for(op: str) -> str | None:
+    """GLM5_OPS_BACKEND_<OP>: force one op, e.g. GLM5_OPS_BACKEND_GROUPED_MLP=reference."""
+    return _str(f"GLM5_OPS_BACKEND_{op.upper()}")
+
+
+def device() -> str | None:
+    """GLM5_DEVICE: force the platform (npu | cuda | cpu)."""
+    return _str("GLM5_DEVICE")
+
+
+def cache_dir() -> Path:
+    """GLM5_CACHE_DIR, else $XDG_CACHE_HOME/glm5_ascend, else ~/.cache/glm5_ascend."""
+    explicit = _str("GLM5_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = _str("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "glm5_ascend"
+
+
+def cpu_kv_cache_gib() -> float:
+    """GLM5_CPU_KV_CACHE_GIB: KV cache size on the CPU platform (like vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    return float(_str("GLM5_CPU_KV_CACHE_GIB", "1"))
+
+
+def api_keys() -> list[str]:
+    """VLLM_API_KEY / GLM5_API_KEY: API keys accepted by the server, comma separated."""
+    keys = []
+    for name in ("VLLM_API_KEY", "GLM5_API_KEY"):
+        value = _str(name)
+        if value:
+            keys.extend(k.strip() for k in value.split(",") if k.strip())
+    return keys

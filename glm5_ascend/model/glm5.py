@@ -1,0 +1,282 @@
+"""GLM-5 (GlmMoeDsaForCausalLM) on a paged KV cache, built bottom-up: Indexer, MLA, router, MoE, block.
+
+Module and parameter names follow the Hugging Face checkpoint, so the loader is a name lookup.
+Attention is DeepSeek Sparse Attention in the absorbed-MLA form: the indexer picks each query's
+top-k context tokens and attention reads only those tokens' latent entries from the paged cache,
+so its cost per token is O(index_topk), not O(context). All operators go through glm5_ascend.ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5_ascend import ops
+from glm5_ascend.config import ModelConfig
+from glm5_ascend.distributed import SINGLE, ParallelState, split
+from glm5_ascend.model.layers import (ColumnParallelLinear, InterleavedRope, LayerNorm, ParallelLMHead,
+                                      ReplicatedLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding,
+                                      _copy_loader, _param)
+
+
+@dataclass
+class AttnMetadata:
+    """Where one step's tokens live. T tokens from B sequences (see ops/dsa/reference.py).
+
+    slot_mapping: int64 [T] cache slot of each new token (-1 = padding)
+    block_tables: int32 [B, max_blocks]; cu_seqlens_q: int32 [B+1]; seq_lens: int32 [B] (context incl. new)
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+@dataclass
+class LayerCache:
+    """One layer's paged caches, each [num_blocks, block_size, D]."""
+
+    latent: torch.Tensor
+    rope: torch.Tensor
+    index: torch.Tensor
+
+
+class Indexer(nn.Module):
+    """DSA lightning indexer: scores context tokens per query and keeps the top index_topk."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
+        self.wq_b = ReplicatedLinear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype=dtype)
+        self.wk = ReplicatedLinear(cfg.hidden_size, self.head_dim, dtype=dtype)
+        self.k_norm = LayerNorm(self.head_dim, eps=1e-6, dtype=dtype)
+        self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads, dtype=torch.float32)
+        self.softmax_scale = self.head_dim ** -0.5
+
+    def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # The indexer rotates the *first* rope_dim dims (MLA rotates the last ones).
+        return torch.cat([InterleavedRope.apply(x[..., :self.rope_dim], cos, sin), x[..., self.rope_dim:]], -1)
+
+    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Index key [T, D] of each new token (LayerNorm with bias, then RoPE)."""
+        return self._rope_first(self.k_norm(self.wk(x)), cos, sin)
+
+    def forward(self, x, q_resid, cos, sin, cache: LayerCache, meta: AttnMetadata) -> torch.Tensor:
+        q = self._rope_first(self.wq_b(q_resid).view(-1, self.n_heads, self.head_dim), cos, sin)
+        weights = self.weights_proj(x.float()) * self.n_heads ** -0.5
+        return ops.lightning_indexer(q, weights, cache.index, meta.block_tables, meta.cu_seqlens_q,
+                                     meta.seq_lens, self.topk, self.softmax_scale)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention with DSA. `shared` layers reuse the previous layer's top-k."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.n_local_heads = split(cfg.num_attention_heads, ps.tp_size, "num_attention_heads")
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        h = cfg.num_attention_heads
+        self.q_a_proj = ReplicatedLinear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias, dtype)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
+        self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, h * cfg.qk_head_dim, ps, dtype=dtype)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(cfg.hidden_size, self.kv_rank + self.rope_dim, cfg.attention_bias, dtype)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, 1e-6, dtype)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_rank, h * (self.nope + self.v_dim), ps, dtype=dtype)
+        self.o_proj = RowParallelLinear(h * self.v_dim, cfg.hidden_size, ps, cfg.attention_bias, dtype)
+        self.indexer = None if cfg.indexer_types[layer] == "shared" else Indexer(cfg, dtype)
+        self.softmax_scale = cfg.softmax_scale
+
+    def forward(self, x, cos, sin, cache: LayerCache, meta: AttnMetadata, prev_topk):
+        T = x.shape[0]
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_resid).view(T, self.n_local_heads, self.nope + self.rope_dim)
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rot = InterleavedRope.apply(q_rot, cos, sin)
+        k_rot = InterleavedRope.apply(k_rot, cos, sin)
+        index_k = self.indexer.key(x, cos, sin) if self.indexer is not None else None
+        ops.mla_cache_write(latent, k_rot, index_k, meta.slot_mapping, cache.latent, cache.rope,
+                            cache.index if self.indexer is not None else None)
+        if self.indexer is not None:
+            topk = self.indexer(x, q_resid, cos, sin, cache, meta)
+        elif prev_topk is None:
+            raise ValueError("a 'shared' indexer layer needs a previous 'full' layer")
+        else:
+            topk = prev_topk
+        # Absorb W_UK into the query and W_UV into the output: attention runs in the latent space.
+        w_kv = self.kv_b_proj.weight.view(self.n_local_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, :self.nope], w_kv[:, self.nope:]
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
+        out = ops.sparse_mla_attention(q_latent, q_rot.contiguous(), cache.latent, cache.rope,
+                                       meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, topk,
+                                       self.softmax_scale)
+        out = torch.einsum("thr,hvr->thv", out, w_uv).reshape(T, -1)
+        return self.o_proj(out), topk
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(hidden, inter, ps, dtype=dtype)
+        self.up_proj = ColumnParallelLinear(hidden, inter, ps, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, ps, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Router weights in float32, as the checkpoint keeps them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32)
+        self.e_score_correction_bias = _param(cfg.n_routed_experts, dtype=torch.float32)
+
+
+class Experts(nn.Module):
+    """This rank's routed experts stacked for grouped GEMM: w13 [E, 2I, D] (gate; up), w2 [E, D, I].
+
+    Checkpoint tensors are per expert (mlp.experts.E.{gate,up,down}_proj.weight); `load_expert`
+    places one into its slot, skipping experts another EP rank owns.
+    """
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.n_local = split(cfg.n_routed_experts, ps.ep_size, "n_routed_experts")
+        self.first = ps.ep_rank * self.n_local
+        inter = cfg.moe_intermediate_size
+        self.w13_weight = _param(self.n_local, 2 * inter, cfg.hidden_size, dtype=dtype)
+        self.w2_weight = _param(self.n_local, cfg.hidden_size, inter, dtype=dtype)
+
+    def owns(self, expert: int) -> bool:
+        return self.first <= expert < self.first + self.n_local
+
+    def load_expert(self, expert: int, proj: str, loaded: torch.Tensor) -> None:
+        e = expert - self.first
+        inter = self.w2_weight.shape[2]
+        if proj == "gate_proj":
+            _copy_loader(self.w13_weight.data[e, :inter], loaded)
+        elif proj == "up_proj":
+            _copy_loader(self.w13_weight.data[e, inter:], loaded)
+        else:
+            _copy_loader(self.w2_weight.data[e], loaded)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.ps = cfg, ps
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg, ps, dtype)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        logits = F.linear(x.float(), self.gate.weight)
+        weights, ids = ops.moe_route(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
+                                     c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
+        if self.ps.ep_size > 1:
+            raise NotImplementedError("expert parallelism across processes is not wired into the model yet")
+        permuted, order, counts = ops.moe_permute(x, ids, self.experts.n_local)
+        expert_out = ops.grouped_mlp(permuted, counts, self.experts.w13_weight, self.experts.w2_weight)
+        return ops.moe_unpermute(expert_out, order, weights) + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer, ps, dtype)
+        self.mlp = MoE(cfg, ps, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, ps, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x, cos, sin, cache: LayerCache, meta: AttnMetadata, prev_topk):
+        attn, topk = self.self_attn(self.input_layernorm(x), cos, sin, cache, meta, prev_topk)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), topk
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class MTPLayer(DecoderLayer):
+    """The multi-token-prediction layer (checkpoint names model.layers.{num_hidden_layers}.*).
+
+    Loaded and kept for speculative decoding; the main forward pass does not run it.
+    """
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        cfg_full = _with_full_indexer(cfg)
+        super().__init__(cfg_full, cfg.num_hidden_layers, ps, dtype)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
+        self.shared_head = SharedHead(cfg, dtype)
+
+
+def _with_full_indexer(cfg: ModelConfig) -> ModelConfig:
+    """A view of cfg with one extra layer (the MTP layer): MoE, with its own indexer."""
+    import dataclasses
+    return dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1,
+                               mlp_layer_types=cfg.mlp_layer_types + ("sparse",),
+                               indexer_types=cfg.indexer_types + ("full",))
+
+
+class GlmModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps, dtype)
+        layers = [DecoderLayer(cfg, i, ps, dtype) for i in range(cfg.num_hidden_layers)]
+        layers += [MTPLayer(cfg, ps, dtype) for _ in range(min(cfg.num_nextn_predict_layers, 1))]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        hf_fields = dict(qk_rope_head_dim=cfg.qk_rope_head_dim, hidden_size=cfg.hidden_size,
+                         num_attention_heads=cfg.num_attention_heads)
+        self.rotary = InterleavedRope(cfg.qk_rope_head_dim, cfg.rope_parameters, cfg.max_position_embeddings, hf_fields)
+
+    def forward(self, ids, positions, caches: list[LayerCache], meta: AttnMetadata) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        topk = None
+        for i in range(self.cfg.num_hidden_layers):
+            x, topk = self.layers[i](x, cos, sin, caches[i], meta, topk)
+        return self.norm(x)
+
+
+class GlmMoeDsaForCausalLM(nn.Module):
+    """GLM-5 for inference on a paged cache. forward -> final hidden states [T, D]."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState = SINGLE, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if cfg.tie_word_embeddings:
+            raise ValueError("config.json: tie_word_embeddings=true; GLM-5 has an untied lm_head")
+        self.cfg, self.ps, self.dtype = cfg, ps, dtype
+        self.model = GlmModel(cfg, ps, dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ps, dtype)
+
+    @property
+    def mtp(self) -> MTPLayer | None:
+        layers = self.model.layers
+        return layers[self.cfg.num_hidden_layers] if len(layers) > self.cfg.num_hidden_layers else None
+
+    def drop_mtp(self) -> None:
+        if self.mtp is not None:
+            del self.model.layers[self.cfg.num_hidden_layers]
+
+    def forward(self, ids, positions, caches, meta) -> torch.Tensor:
+        return self.model(ids, positions, caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,103 @@
+"""glm5_ascend.ops: the DSA and MoE operators the model calls, one public function each.
+
+Each op has up to three backends, chosen per call from the tensors' device:
+  reference  pure torch (ops/*/reference.py), the spec; the default on CPU
+  npu        torch_npu fused ops (ops/*/npu.py); the default on an Ascend NPU
+  cuda       Triton / torch fast paths (ops/*/cuda.py); the default on a CUDA GPU
+GLM5_OPS_BACKEND forces one backend for every op, GLM5_OPS_BACKEND_<OP> for one op. A device's
+default backend that does not implement an op falls back to reference; a backend asked for by
+name that is unknown or cannot load is an error. Backends are imported lazily, so a CPU host
+never imports torch_npu or triton.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from glm5_ascend import envs
+
+BACKENDS = ("reference", "npu", "cuda")
+_FAMILY = {
+    "mla_cache_write": "dsa", "lightning_indexer": "dsa", "sparse_mla_attention": "dsa",
+    "moe_route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_mlp": "moe",
+}
+_DEVICE_DEFAULT = {"cpu": "reference", "cuda": "cuda", "npu": "npu"}
+
+
+def _load(family: str, backend: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"glm5_ascend.ops.{family}.{backend}")
+    except ModuleNotFoundError as e:
+        if e.name == f"glm5_ascend.ops.{family}.{backend}":
+            return None  # this backend has no module for the family yet
+        raise
+
+
+def resolve(op: str, device_type: str) -> tuple[str, object]:
+    """(backend name, function) that runs `op` for tensors on `device_type`."""
+    family = _FAMILY[op]
+    forced = envs.ops_backend_for(op) or envs.ops_backend()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"GLM5_OPS_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        try:
+            module = _load(family, forced)
+        except ImportError as e:
+            raise RuntimeError(f"ops backend {forced!r} cannot load on this host ({e}); unset GLM5_OPS_BACKEND") from None
+        fn = getattr(module, op, None) if module else None
+        if fn is None:
+            raise RuntimeError(f"ops backend {forced!r} does not implement {op}; unset GLM5_OPS_BACKEND or use reference")
+        return forced, fn
+    backend = _DEVICE_DEFAULT.get(device_type, "reference")
+    module = _load(family, backend)
+    fn = getattr(module, op, None) if module else None
+    if fn is None:
+        backend, fn = "reference", getattr(_load(family, "reference"), op)
+    return backend, fn
+
+
+def _call(op: str, device: torch.device, *args, **kwargs):
+    return resolve(op, device.type)[1](*args, **kwargs)
+
+
+def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_cache, index_cache):
+    """Paged write of latent [T, R], rope key [T, Dr], index key [T, Di]; see ops/dsa/reference.py."""
+    return _call("mla_cache_write", latent.device, latent, k_rope, index_k, slot_mapping,
+                 latent_cache, rope_cache, index_cache)
+
+
+def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale):
+    """Top-k token positions per query, int32 [T, topk], -1 padded; see ops/dsa/reference.py."""
+    return _call("lightning_indexer", q.device, q, weights, index_cache, block_tables, cu_seqlens_q,
+                 seq_lens, topk, softmax_scale)
+
+
+def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,
+                         seq_lens, topk_indices, softmax_scale, return_lse=False):
+    """Absorbed sparse MLA over the top-k tokens, [T, H, R] (+ lse); see ops/dsa/reference.py."""
+    return _call("sparse_mla_attention", q_latent.device, q_latent, q_rope, latent_cache, rope_cache,
+                 block_tables, cu_seqlens_q, seq_lens, topk_indices, softmax_scale, return_lse)
+
+
+def moe_route(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+              routed_scaling_factor, norm_topk_prob=True):
+    """Sigmoid group-limited top-k routing -> (weights f32 [T, k], ids int32 [T, k])."""
+    return _call("moe_route", router_logits.device, router_logits, e_score_correction_bias, top_k,
+                 n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+
+
+def moe_permute(hidden, expert_ids, num_experts):
+    """Rows grouped by expert -> (permuted [N, D], order int64 [N], counts int64 [E])."""
+    return _call("moe_permute", hidden.device, hidden, expert_ids, num_experts)
+
+
+def moe_unpermute(expert_out, order, weights):
+    """Weighted combine of expert rows back to tokens, [T, D]."""
+    return _call("moe_unpermute", expert_out.device, expert_out, order, weights)
+
+
+def grouped_mlp(x, counts, w13, w2):
+    """SwiGLU grouped experts over rows sorted by expert, [N, D]."""
+    return _call("grouped_mlp", x.device, x, counts, w13, w2)
