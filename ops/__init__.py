@@ -8,6 +8,10 @@ GLM5_OPS_BACKEND forces one backend for every op, GLM5_OPS_BACKEND_<OP> for one 
 default backend that does not implement an op falls back to reference; a backend asked for by
 name that is unknown or cannot load is an error. Backends are imported lazily, so a CPU host
 never imports torch_npu or triton.
+
+ep_dispatch / ep_combine are the expert-parallel collectives: their reference backend is the portable
+all_to_all_single path in ops/moe/ep.py, the npu backend the MC2 ops; combine always runs the backend
+whose dispatch made its handle.
 """
 from __future__ import annotations
 
@@ -22,15 +26,19 @@ BACKENDS = ("reference", "npu", "cuda")
 _FAMILY = {
     "mla_cache_write": "dsa", "lightning_indexer": "dsa", "sparse_mla_attention": "dsa",
     "moe_route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_mlp": "moe",
+    "ep_dispatch": "moe", "ep_combine": "moe",
 }
+# Ops whose reference backend is not <family>/reference.py: the portable collectives path.
+_REFERENCE_MODULE = {"ep_dispatch": "moe.ep", "ep_combine": "moe.ep"}
 _DEVICE_DEFAULT = {"cpu": "reference", "cuda": "cuda", "npu": "npu"}
 
 
-def _load(family: str, backend: str) -> ModuleType | None:
+def _load(family: str, backend: str, op: str | None = None) -> ModuleType | None:
+    sub = _REFERENCE_MODULE[op] if backend == "reference" and op in _REFERENCE_MODULE else f"{family}.{backend}"
     try:
-        return importlib.import_module(f"glm5_ascend.ops.{family}.{backend}")
+        return importlib.import_module(f"glm5_ascend.ops.{sub}")
     except ModuleNotFoundError as e:
-        if e.name == f"glm5_ascend.ops.{family}.{backend}":
+        if e.name == f"glm5_ascend.ops.{sub}":
             return None  # this backend has no module for the family yet
         raise
 
@@ -43,7 +51,7 @@ def resolve(op: str, device_type: str) -> tuple[str, object]:
         if forced not in BACKENDS:
             raise ValueError(f"GLM5_OPS_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
         try:
-            module = _load(family, forced)
+            module = _load(family, forced, op)
         except ImportError as e:
             raise RuntimeError(f"ops backend {forced!r} cannot load on this host ({e}); unset GLM5_OPS_BACKEND") from None
         fn = getattr(module, op, None) if module else None
@@ -51,10 +59,10 @@ def resolve(op: str, device_type: str) -> tuple[str, object]:
             raise RuntimeError(f"ops backend {forced!r} does not implement {op}; unset GLM5_OPS_BACKEND or use reference")
         return forced, fn
     backend = _DEVICE_DEFAULT.get(device_type, "reference")
-    module = _load(family, backend)
+    module = _load(family, backend, op)
     fn = getattr(module, op, None) if module else None
     if fn is None:
-        backend, fn = "reference", getattr(_load(family, "reference"), op)
+        backend, fn = "reference", getattr(_load(family, "reference", op), op)
     return backend, fn
 
 
@@ -101,3 +109,21 @@ def moe_unpermute(expert_out, order, weights):
 def grouped_mlp(x, counts, w13, w2):
     """SwiGLU grouped experts over rows sorted by expert, [N, D]."""
     return _call("grouped_mlp", x.device, x, counts, w13, w2)
+
+
+def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group):
+    """Expert-parallel dispatch -> (recv_hidden [N, D] grouped by local expert, recv_counts int64 [E_local], handle).
+
+    hidden [T, D] (T may be 0), expert_ids int [T, k] global ids (< 0 dropped), weights [T, k];
+    see ops/moe/ep.py. Every rank of ep_group must call it.
+    """
+    return _call("ep_dispatch", hidden.device, hidden, expert_ids, weights, num_experts, ep_group)
+
+
+def ep_combine(expert_out, handle):
+    """Weighted sum of expert rows [N, D] back into each token on its source rank, [T, D].
+
+    Runs the backend whose ep_dispatch made `handle`, whatever the overrides say now.
+    """
+    module = _load(_FAMILY["ep_combine"], handle.backend, "ep_combine")
+    return module.ep_combine(expert_out, handle)

@@ -6,7 +6,9 @@ Conventions shared by every DSA op (and by the npu / cuda backends):
     tokens, so query i of sequence b sits at position seq_lens[b] - q_len_b + i.
   * Paged caches have shape [num_blocks, block_size, D]. `block_tables` [B, max_blocks] (int32) maps
     a sequence's block number to a physical block; a token's slot is block * block_size + offset.
-  * Top-k indices are token *positions* within the sequence (int32), padded with -1.
+  * Top-k indices are token *positions* within the sequence (int32), padded with -1. Equal index
+    scores are broken toward the lower position (exact ties are common: a key whose ReLU terms are
+    all zero scores exactly 0), so results never depend on batch composition.
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
             scores = torch.relu(torch.einsum("thd,jd->thj", q[s:e].float(), keys) * softmax_scale)
             scores = torch.einsum("th,thj->tj", weights[s:e].float(), scores)
             scores.masked_fill_(pos_all[None, :] > q_pos[s - start:e - start, None], float("-inf"))
-            vals, idx = scores.topk(k_eff, dim=-1)
+            # A stable sort breaks score ties toward the lower position, so the selection does
+            # not depend on how long the row is (batch composition, chunking, prefix-cache hits).
+            vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+            vals, idx = vals[:, :k_eff], idx[:, :k_eff]
             out[s:e, :k_eff] = torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
     return out
 

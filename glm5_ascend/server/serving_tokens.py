@@ -1,0 +1,221 @@
+"""Tokens in and out: the path every route shares from a request to engine inputs.
+
+``ServingContext`` resolves the model name, tokenizes and checks prompts with
+vLLM's messages, builds SamplingParams, decodes logprob tokens, and serves
+/tokenize and /detokenize.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from glm5_ascend.engine.sampling_params import SamplingParams
+from glm5_ascend.server.chat_template import render_chat
+from glm5_ascend.server.errors import BadRequest, NotFound
+from glm5_ascend.server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+
+# Request fields whose server-side default may come from the model's generation_config.json.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+@dataclass
+class ServingContext:
+    """Everything a route needs besides the request: engine, tokenizer, names and limits."""
+
+    engine: object  # AsyncEngine
+    tokenizer: object
+    served_names: list[str]
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    kv_capacity_tokens: int
+    max_num_seqs: int = 256
+    max_logprobs: int = 20
+    default_sampling: dict = field(default_factory=dict)  # from generation_config.json
+    default_max_tokens: int | None = None  # generation_config.json max_new_tokens
+    chat_template: str | None = None
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    trust_request_chat_template: bool = False
+    log_requests: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _token_text: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- names and ids
+    def model_name(self, requested: str | None) -> str:
+        """The served name a request addresses; empty means the first one (vLLM's rule)."""
+        if not requested:
+            return self.served_names[0]
+        if requested in self.served_names:
+            return requested
+        raise NotFound(f"The model `{requested}` does not exist.", param="model")
+
+    @staticmethod
+    def request_id(prefix: str, header: str | None, given: str | None) -> str:
+        return f"{prefix}-{header or given or uuid.uuid4().hex}"
+
+    # ---------------------------------------------------------------- prompts
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
+
+    def check_ids(self, ids: list[int], param: str = "prompt") -> None:
+        if not ids:
+            raise BadRequest("The prompt is empty; send at least one token.", param=param)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"Token id {bad} is out of vocabulary (vocab_size={self.vocab_size}).", param=param)
+
+    def truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """truncate_prompt_tokens: keep the last k tokens (-1: max_model_len)."""
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.max_model_len
+        if k > self.max_model_len:
+            raise BadRequest(f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
+                             f"({self.max_model_len}). Please, select a smaller truncation size.",
+                             param="truncate_prompt_tokens")
+        return ids[-k:] if k else ids
+
+    def max_tokens(self, n_prompt: int, requested: int | None) -> int:
+        """vLLM's length checks; the output budget (request, generation config, or what is left)."""
+        if n_prompt >= self.max_model_len:
+            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                             f"your request has {n_prompt} input tokens. Please reduce the length of the input "
+                             "messages.", param="input_tokens", value=n_prompt)
+        left = self.max_model_len - n_prompt
+        if requested is not None and requested > left:
+            raise BadRequest(f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
+                             f"maximum context length is {self.max_model_len} tokens and your request has "
+                             f"{n_prompt} input tokens ({requested} > {self.max_model_len} - {n_prompt}).",
+                             param="max_tokens", value=requested)
+        candidates = [left] + [v for v in (requested, self.default_max_tokens) if v is not None]
+        return min(candidates)
+
+    def render_chat(self, req) -> str:
+        """The prompt text of a chat (or chat /tokenize) request."""
+        template = self.chat_template
+        if req.chat_template:
+            if not self.trust_request_chat_template:
+                raise BadRequest("Chat template is passed with request, but --trust-request-chat-template is "
+                                 "not set. Refused request with untrusted chat template.", param="chat_template")
+            template = req.chat_template
+        return render_chat(self.tokenizer, template, req.messages, req.tools, bool(req.add_generation_prompt),
+                           bool(req.continue_final_message), req.chat_template_kwargs, req.documents)
+
+    # ---------------------------------------------------------------- sampling
+    def sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                        skip_special_tokens: bool | None = None) -> SamplingParams:
+        """SamplingParams from request fields; every refusal is a BadRequest naming the field."""
+        n = 1 if req.n is None else req.n
+        if n > self.max_num_seqs:
+            raise BadRequest(f"n={n} is larger than --max-num-seqs {self.max_num_seqs}; ask for fewer choices.",
+                             param="n")
+        if req.priority:
+            raise BadRequest(f"Got priority {req.priority} but Priority scheduling is not enabled.", param="priority")
+        fmt = (req.response_format or {}).get("type") if isinstance(req.response_format, dict) else None
+        if fmt not in (None, "text"):
+            raise BadRequest(f"response_format type {fmt!r} is not supported: this server has no structured "
+                             "output (guided decoding); drop response_format or use type 'text'.",
+                             param="response_format")
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None:
+                asked = self.vocab_size if value == -1 else value
+                if asked < 0 or asked > self.max_logprobs:
+                    kind = "sample" if name == "logprobs" else "prompt"
+                    raise BadRequest(f"Requested {kind} logprobs of {asked}, which is greater than max allowed: "
+                                     f"{self.max_logprobs}", param=name)
+        d = self.default_sampling
+
+        def pick(name):
+            value = getattr(req, name, None)
+            return value if value is not None else d.get(name, SAMPLING_DEFAULTS[name])
+
+        try:
+            return SamplingParams(
+                n=n, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=pick("repetition_penalty"), temperature=pick("temperature"),
+                top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"), seed=req.seed, stop=req.stop,
+                stop_token_ids=req.stop_token_ids, ignore_eos=bool(req.ignore_eos), max_tokens=max_tokens,
+                min_tokens=req.min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                include_stop_str_in_output=bool(req.include_stop_str_in_output),
+                skip_special_tokens=(bool(req.skip_special_tokens) if skip_special_tokens is None
+                                     else skip_special_tokens),
+                spaces_between_special_tokens=bool(req.spaces_between_special_tokens),
+                logit_bias=self._logit_bias(req.logit_bias), allowed_token_ids=self._allowed(req.allowed_token_ids))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    def _logit_bias(self, bias: dict | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        out = {}
+        for key, value in bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise BadRequest(f"logit_bias key {key!r} is not a token id.", param="logit_bias") from None
+            if not 0 <= tid < self.vocab_size:
+                raise BadRequest(f"token_id(s) {[tid]} in logit_bias contain out-of-vocab token ids. Vocabulary "
+                                 f"size: {self.vocab_size}", param="logit_bias")
+            if not math.isfinite(value):
+                raise BadRequest(f"logit_bias value {value} for token {tid} is not a finite number.",
+                                 param="logit_bias")
+            out[tid] = min(100.0, max(-100.0, value))  # OpenAI's and vLLM's clamp
+        return out
+
+    def _allowed(self, ids: list[int] | None) -> list[int] | None:
+        if ids is None:
+            return None
+        if not ids:
+            raise BadRequest("allowed_token_ids is not allowed to be empty.", param="allowed_token_ids")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise BadRequest("allowed_token_ids contains out-of-vocab token id!", param="allowed_token_ids")
+        return ids
+
+    # ---------------------------------------------------------------- output text
+    def token_text(self, tid: int, as_id: bool = False) -> str:
+        """One token decoded on its own, as vLLM shows logprob tokens (cached)."""
+        if as_id:
+            return f"token_id:{tid}"
+        text = self._token_text.get(tid)
+        if text is None:
+            text = self.tokenizer.decode([tid], skip_special_tokens=False)
+            self._token_text[tid] = text
+        return text
+
+    def final_text(self, text: str, output, params: SamplingParams) -> str:
+        """Drop the text of the EOS / stop token that ended a choice, as vLLM does.
+
+        The engine decodes that token too; it is only visible when special tokens are
+        not skipped (the parsers need them), and vLLM never shows it.
+        """
+        if (output.finish_reason != "stop" or isinstance(output.stop_reason, str) or not output.token_ids
+                or params.include_stop_str_in_output):
+            return text
+        piece = self.tokenizer.decode([output.token_ids[-1]], skip_special_tokens=params.skip_special_tokens)
+        return text[: len(text) - len(piece)] if piece and text.endswith(piece) else text
+
+
+# -------------------------------------------------------------------- /tokenize, /detokenize
+def tokenize(ctx: ServingContext, req: TokenizeCompletionRequest | TokenizeChatRequest) -> dict:
+    ctx.model_name(req.model)
+    if isinstance(req, TokenizeChatRequest):
+        text = ctx.render_chat(req)
+        add_special = bool(req.add_special_tokens)
+    else:
+        text, add_special = req.prompt, req.add_special_tokens is not False
+    ids = ctx.encode(text, add_special)
+    strs = ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
+    ctx.model_name(req.model)
+    bad = next((t for t in req.tokens if not 0 <= t < ctx.vocab_size), None)
+    if bad is not None:
+        raise BadRequest(f"Token id {bad} is out of vocabulary (vocab_size={ctx.vocab_size}).", param="tokens")
+    return {"prompt": ctx.tokenizer.decode(req.tokens)}

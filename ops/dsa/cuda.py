@@ -1,0 +1,157 @@
+"""DSA ops on CUDA GPUs: Triton kernels (ops/dsa/cuda_kernels.py) behind the reference signatures.
+
+Contracts are those of ops/dsa/reference.py, with one documented difference: lightning_indexer
+returns the same *set* of positions (ties broken arbitrarily), ascending within the tokens above the
+K-th score and within the ties at it, rather than sorted by score. No wrapper syncs with the host,
+so decode steps can be captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from . import cuda_kernels as k
+
+# Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
+CONFIG = {
+    "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
+    "topk_chunk": 4096, "topk_digit": 8, "topk_warps": 8,
+    "mla_block_n": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
+}
+# Rows of the float32 score scratch held at once (bounds prefill memory like the reference does).
+_MAX_SCORE_ELEMS = 1 << 27
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # float32 models (tests, the tiny model) must match the reference's fp32 math, so no tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # Triton's interpreter on CPU: any value works
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_cache, index_cache) -> None:
+    """Write latent [T, R], rope key [T, Dr], index key [T, Di] to slot_mapping [T] (-1 skipped)."""
+    T = latent.shape[0]
+    if T == 0:
+        return
+    R, DR = latent_cache.shape[-1], rope_cache.shape[-1]
+    has_index = index_cache is not None and index_k is not None
+    DI = index_cache.shape[-1] if has_index else 16
+    for c in (latent_cache, rope_cache) + ((index_cache,) if has_index else ()):
+        assert c.is_contiguous(), "paged caches must be contiguous [num_blocks, block_size, D]"
+    # Casting here (not in the kernel) rounds exactly as the reference's .to(cache dtype) does.
+    latent = latent.to(latent_cache.dtype).contiguous()
+    k_rope = k_rope.to(rope_cache.dtype).contiguous()
+    index_k = index_k.to(index_cache.dtype).contiguous() if has_index else latent
+    k.mla_cache_write_kernel[(T,)](
+        slot_mapping, latent, k_rope, index_k, latent_cache, rope_cache,
+        index_cache if has_index else latent_cache, latent.stride(0), k_rope.stride(0), index_k.stride(0),
+        R=R, DR=DR, DI=DI, R_P=_p2(R), DR_P=_p2(DR), DI_P=_p2(DI), HAS_INDEX=has_index, num_warps=4)
+
+
+def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale):
+    """Top-k causal context positions per query token.
+
+    Args:
+        q: [T, H, D] (rope applied); weights: [T, H] float32; index_cache: [num_blocks, block_size, D].
+        block_tables: int32 [B, max_blocks]; cu_seqlens_q: int32 [B+1]; seq_lens: int32 [B].
+    Returns:
+        int32 [T, topk]; -1 padded where the context is shorter than topk.
+    """
+    T, H, D = q.shape
+    out = torch.empty((T, topk), dtype=torch.int32, device=q.device)
+    if T == 0 or topk == 0:
+        return out
+    if q.dtype != index_cache.dtype:
+        q = q.to(index_cache.dtype)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    B = seq_lens.shape[0]
+    block_size = index_cache.shape[1]
+    L = block_tables.shape[1] * block_size  # the most positions any sequence can address
+    rows = max(1, min(T, _MAX_SCORE_ELEMS // max(1, L)))
+    scores = torch.empty((rows, L), dtype=torch.float32, device=q.device)
+    cfg = CONFIG
+    for t0 in range(0, T, rows):
+        n = min(T, t0 + rows) - t0
+        k.indexer_scores_kernel[(n, triton.cdiv(L, cfg["indexer_chunk"]))](
+            q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, scores, t0, B,
+            q.stride(0), q.stride(1), weights.stride(0), block_tables.stride(0), scores.stride(0),
+            float(softmax_scale), H=H, D=D, H_P=_p2(H), D_P=_p2(D), B_P=_p2(B, 2),
+            BLOCK_SIZE=block_size, BLOCK_N=cfg["indexer_block_n"], CHUNK=cfg["indexer_chunk"],
+            PREC=_prec(q.dtype), num_warps=cfg["indexer_warps"], num_stages=cfg["indexer_stages"])
+        k.topk_select_kernel[(n,)](
+            scores, out, cu_seqlens_q, seq_lens, t0, B, topk, scores.stride(0), out.stride(0),
+            B_P=_p2(B, 2), CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"], num_warps=cfg["topk_warps"])
+    return out
+
+
+def _mla_splits(T: int, head_blocks: int, K: int, device: torch.device) -> int:
+    if CONFIG["mla_splits"]:
+        return int(CONFIG["mla_splits"])
+    # Decode batches are too few programs to fill the GPU: split the top-k list and merge by lse.
+    base = T * head_blocks
+    want = round(_num_sms(device) * CONFIG["mla_waves"] / base)
+    return max(1, min(want, triton.cdiv(K, CONFIG["mla_block_n"]), 16))
+
+
+def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,
+                         seq_lens, topk_indices, softmax_scale, return_lse=False):
+    """Absorbed sparse MLA over each query's top-k positions (decode and prefill alike).
+
+    Args:
+        q_latent: [T, H, R]; q_rope: [T, H, Dr]; latent_cache / rope_cache: [num_blocks, block_size, R / Dr].
+        topk_indices: int32 [T, K] positions, -1 padded.
+    Returns:
+        out [T, H, R] in q_latent's dtype; with return_lse also lse [T, H] float32 (natural log).
+    """
+    T, H, R = q_latent.shape
+    DR = q_rope.shape[-1]
+    K = topk_indices.shape[1]
+    out = torch.empty((T, H, R), dtype=q_latent.dtype, device=q_latent.device)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q_latent.device)
+    if T == 0:
+        return (out, lse) if return_lse else out
+    dt = latent_cache.dtype
+    ql = q_latent.to(dt) if q_latent.dtype != dt else q_latent
+    qr = q_rope.to(dt) if q_rope.dtype != dt else q_rope
+    ql = ql if ql.stride(-1) == 1 else ql.contiguous()
+    qr = qr if qr.stride(-1) == 1 else qr.contiguous()
+    idx = topk_indices if topk_indices.stride(-1) == 1 else topk_indices.contiguous()
+    cfg = CONFIG
+    block_h = min(64, _p2(H))
+    hb = triton.cdiv(H, block_h)
+    splits = _mla_splits(T, hb, K, q_latent.device)
+    split_len = triton.cdiv(triton.cdiv(K, splits), cfg["mla_block_n"]) * cfg["mla_block_n"]
+    splits = triton.cdiv(K, split_len) if K else 1
+    B = seq_lens.shape[0]
+    if splits > 1:
+        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=q_latent.device)
+        part_l = torch.empty((splits, T, H), dtype=torch.float32, device=q_latent.device)
+    else:
+        part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
+    k.sparse_mla_kernel[(T, hb, splits)](
+        ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, part_o, part_l,
+        B, H, K, split_len, ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1),
+        block_tables.stride(0), idx.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_l.stride(0), part_l.stride(1), float(softmax_scale) * 1.4426950408889634,
+        R=R, DR=DR, R_P=_p2(R), DR_P=_p2(DR), BLOCK_H=block_h, B_P=_p2(B, 2),
+        BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=cfg["mla_block_n"], PREC=_prec(dt), SPLIT_OUT=splits > 1,
+        num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
+    if splits > 1:
+        k.mla_combine_kernel[(T, hb)](
+            part_o, part_l, out, lse, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            R=R, R_P=_p2(R), BLOCK_H=block_h, SPLITS=splits, num_warps=4)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,231 @@
+"""Triton kernels of the DSA ops (lightning indexer, top-k select, sparse MLA, cache write).
+
+Layouts follow ops/dsa/reference.py. Every kernel finds a token's sequence from cu_seqlens_q itself
+(no host sync), so the decode path can be captured in a CUDA graph. Feature dims are padded to
+powers of two >= 16 with masks, so any model shape runs (tl.dot needs 16 on each side).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P: tl.constexpr):
+    """Sequence id of flat token t (count of cu[1:] <= t) and its position in the sequence."""
+    offs_b = tl.arange(0, B_P)
+    ends = tl.load(cu_ptr + 1 + offs_b, mask=offs_b < B, other=2147483647)
+    seq = tl.sum((ends <= t).to(tl.int32), axis=0)
+    end = tl.load(cu_ptr + 1 + seq)
+    pos = tl.load(seq_lens_ptr + seq) - (end - t)
+    return seq, pos
+
+
+@triton.jit
+def mla_cache_write_kernel(slot_ptr, lat_ptr, rope_ptr, idx_ptr, lat_c, rope_c, idx_c,
+                           s_lat, s_rope, s_idx,
+                           R: tl.constexpr, DR: tl.constexpr, DI: tl.constexpr,
+                           R_P: tl.constexpr, DR_P: tl.constexpr, DI_P: tl.constexpr,
+                           HAS_INDEX: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # padding tokens carry slot -1 and are skipped
+        o = tl.arange(0, R_P)
+        v = tl.load(lat_ptr + t * s_lat + o, mask=o < R)
+        tl.store(lat_c + slot * R + o, v.to(lat_c.dtype.element_ty), mask=o < R)
+        o = tl.arange(0, DR_P)
+        v = tl.load(rope_ptr + t * s_rope + o, mask=o < DR)
+        tl.store(rope_c + slot * DR + o, v.to(rope_c.dtype.element_ty), mask=o < DR)
+        if HAS_INDEX:
+            o = tl.arange(0, DI_P)
+            v = tl.load(idx_ptr + t * s_idx + o, mask=o < DI)
+            tl.store(idx_c + slot * DI + o, v.to(idx_c.dtype.element_ty), mask=o < DI)
+
+
+@triton.jit
+def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr, score_ptr,
+                          t_base, B, s_qt, s_qh, s_wt, s_bt, s_score, scale,
+                          H: tl.constexpr, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
+                          B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CHUNK: tl.constexpr, PREC: tl.constexpr):
+    """scores[t - t_base, j] = sum_h w[t,h] relu(scale q[t,h].k[j]) for j <= pos(t), -inf above.
+
+    Grid (tokens, context chunks). Scores are K @ q^T so the MMA's M side is the BLOCK_N keys
+    (one query token has only 32 heads, too few for Hopper's 64-row MMA)."""
+    t = t_base + tl.program_id(0)
+    c0 = tl.program_id(1) * CHUNK
+    seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
+    if c0 <= qpos:
+        offs_h = tl.arange(0, H_P)
+        offs_d = tl.arange(0, D_P)
+        qt = tl.load(q_ptr + t * s_qt + offs_h[None, :] * s_qh + offs_d[:, None],
+                     mask=(offs_h[None, :] < H) & (offs_d[:, None] < D), other=0.0)  # [D_P, H_P]
+        w = tl.load(w_ptr + t * s_wt + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+        hi = tl.minimum(c0 + CHUNK, qpos + 1)
+        row = score_ptr + (t - t_base).to(tl.int64) * s_score
+        for n0 in range(c0, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            inb = pos < hi
+            blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=inb, other=0).to(tl.int64)
+            slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+            k = tl.load(cache_ptr + slot[:, None] * D + offs_d[None, :],
+                        mask=inb[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, D_P]
+            s = tl.dot(k, qt, input_precision=PREC)  # [BLOCK_N, H_P] fp32
+            s = tl.maximum(s * scale, 0.0) * w[None, :]
+            tl.store(row + pos, tl.sum(s, axis=1), mask=inb)
+
+
+@triton.jit
+def _sortable(v):
+    """float32 -> uint32 whose unsigned order is the float order."""
+    bits = v.to(tl.uint32, bitcast=True)
+    flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return bits ^ flip
+
+
+@triton.jit
+def topk_select_kernel(score_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_score, s_out,
+                       B_P: tl.constexpr, CHUNK: tl.constexpr, DIGIT: tl.constexpr):
+    """Top-K positions of each scores row by radix select; one program per query token.
+
+    The K-th largest key is found DIGIT bits at a time from the top (a histogram pass each), then
+    one pass writes positions with a larger key and the first ties equal to it. Output positions are
+    ascending within each of those two groups, not sorted by score (no consumer needs score order,
+    and ascending positions make the attention's gather walk the cache forwards)."""
+    t = t_base + tl.program_id(0)
+    seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
+    n = qpos + 1  # causal: exactly positions 0..qpos are candidates
+    out = out_ptr + t.to(tl.int64) * s_out
+    row = score_ptr + (t - t_base).to(tl.int64) * s_score
+    offs = tl.arange(0, CHUNK)
+    if n <= K:  # every candidate is selected; pad with -1
+        for k0 in range(0, K, CHUNK):
+            o = k0 + offs
+            tl.store(out + o, tl.where(o < n, o, -1), mask=o < K)
+    else:
+        NB: tl.constexpr = 1 << DIGIT
+        bins = tl.arange(0, NB)
+        prefix = tl.zeros([NB], tl.uint32).max(axis=0)  # uint32 scalar 0: the digits found so far
+        krem = K
+        for p in tl.static_range(32 // DIGIT):
+            shift: tl.constexpr = 32 - DIGIT * (p + 1)
+            hist = tl.zeros([NB], tl.int32)
+            for c0 in range(0, n, CHUNK):
+                o = c0 + offs
+                inb = o < n
+                key = _sortable(tl.load(row + o, mask=inb, other=0.0))
+                match = inb
+                if p > 0:  # only keys whose higher digits equal the prefix found so far
+                    match = match & ((key >> (shift + DIGIT)) == (prefix >> (shift + DIGIT)))
+                dig = ((key >> shift) & (NB - 1)).to(tl.int32)
+                hist += tl.histogram(dig, NB, mask=match)
+            # suffix[d] = how many matching keys have this digit >= d; pick the largest d with suffix >= krem
+            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+            d = tl.sum((suffix >= krem).to(tl.int32), axis=0) - 1
+            krem -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
+            prefix = prefix | (d.to(tl.uint32) << shift)
+        n_gt = K - krem  # keys strictly above the threshold; krem ties fill the rest
+        cnt_gt = 0
+        cnt_eq = 0
+        for c0 in range(0, n, CHUNK):
+            o = c0 + offs
+            inb = o < n
+            key = _sortable(tl.load(row + o, mask=inb, other=0.0))
+            gt = inb & (key > prefix)
+            eq = inb & (key == prefix)
+            r_gt = cnt_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+            r_eq = cnt_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            tl.store(out + r_gt, o, mask=gt)
+            tl.store(out + n_gt + r_eq, o, mask=eq & (r_eq < krem))
+            cnt_gt += tl.sum(gt.to(tl.int32), axis=0)
+            cnt_eq += tl.sum(eq.to(tl.int32), axis=0)
+
+
+@triton.jit
+def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_lens_ptr, idx_ptr,
+                      o_ptr, lse_ptr, B, H, K, split_len, s_qlt, s_qlh, s_qrt, s_qrh, s_bt, s_idx,
+                      s_os, s_ot, s_oh, s_ls, s_lt, scale_log2,
+                      R: tl.constexpr, DR: tl.constexpr, R_P: tl.constexpr, DR_P: tl.constexpr,
+                      BLOCK_H: tl.constexpr, B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """Absorbed sparse MLA for one (token, head block, split of the top-k list).
+
+    Every head of a token reads the same gathered latent rows, so a program holds BLOCK_H heads as
+    the MMA's M side and streams its share of the top-k rows once: scores over R + DR dims, online
+    softmax in base 2, output accumulated in the latent space. With SPLIT_OUT, writes the split's
+    normalised float32 output and lse (combined by mla_combine_kernel); else the final output."""
+    t = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H
+    sp = tl.program_id(2)
+    seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, R_P)
+    offs_d = tl.arange(0, DR_P)
+    hm = offs_h < H
+    ql = tl.load(ql_ptr + t * s_qlt + offs_h[:, None] * s_qlh + offs_r[None, :],
+                 mask=hm[:, None] & (offs_r[None, :] < R), other=0.0)
+    qr = tl.load(qr_ptr + t * s_qrt + offs_h[:, None] * s_qrh + offs_d[None, :],
+                 mask=hm[:, None] & (offs_d[None, :] < DR), other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R_P], tl.float32)
+    lo = sp * split_len
+    hi = tl.minimum(lo + split_len, K)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(idx_ptr + t * s_idx + offs_n, mask=offs_n < hi, other=-1)
+        valid = idx >= 0
+        pos = tl.maximum(idx, 0)
+        blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+        kl = tl.load(lat_ptr + slot[:, None] * R + offs_r[None, :],
+                     mask=valid[:, None] & (offs_r[None, :] < R), other=0.0)  # [BLOCK_N, R_P]
+        kr = tl.load(rope_ptr + slot[:, None] * DR + offs_d[None, :],
+                     mask=valid[:, None] & (offs_d[None, :] < DR), other=0.0)
+        s = tl.dot(ql, tl.trans(kl), input_precision=PREC)
+        s = tl.dot(qr, tl.trans(kr), s, input_precision=PREC) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kl.dtype), kl, input_precision=PREC)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    omask = hm[:, None] & (offs_r[None, :] < R)
+    o_off = sp * s_os + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :]
+    if SPLIT_OUT:
+        tl.store(o_ptr + o_off, out, mask=omask)
+    else:
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=omask)
+    tl.store(lse_ptr + sp * s_ls + t * s_lt + offs_h, lse, mask=hm)
+
+
+@triton.jit
+def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, H, s_ps, s_pt, s_ph, s_pls, s_plt,
+                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, BLOCK_H: tl.constexpr,
+                       SPLITS: tl.constexpr):
+    """Merge the splits' normalised outputs by their lse weights."""
+    t = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, R_P)
+    hm = offs_h < H
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R_P], tl.float32)
+    omask = hm[:, None] & (offs_r[None, :] < R)
+    for s in tl.static_range(SPLITS):
+        w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")) - m_safe)
+        po = tl.load(po_ptr + s * s_ps + t * s_pt + offs_h[:, None] * s_ph + offs_r[None, :], mask=omask, other=0.0)
+        acc += w[:, None] * po
+        den += w
+    has = den > 0
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
+    tl.store(lse_ptr + t * s_lt + offs_h, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")), mask=hm)

@@ -1,0 +1,147 @@
+"""DeepSeek Sparse Attention ops on Ascend NPU through torch_npu's fused kernels.
+
+Same functions, arguments and results as ops/dsa/reference.py (the spec). Each wrapper reshapes our
+flat-token, paged layout into the op's TND (queries) / PA_BSND (paged cache) layout:
+  * queries [T, H, D] are TND as they stand; `actual_seq_lengths_query` is the TND prefix sum,
+    i.e. cu_seqlens_q[1:], not per-sequence lengths.
+  * a paged cache [num_blocks, block_size, D] is PA_BSND [num_blocks, block_size, N=1, D] (one shared
+    latent / index-key head), read through `block_table` with `actual_seq_lengths_key(_kv)` = seq_lens.
+  * sparse_mode=3 is the bottom-right-aligned causal mask: query i of a sequence with q_len new tokens
+    and seq_len context sits at position seq_len - q_len + i, exactly our convention.
+No NPU has run this code yet; it is written against the torch-npu 2.13 signatures and tested on CPU
+through the contract emulator (tests/ops/emulator).
+"""
+from __future__ import annotations
+
+import torch
+import torch_npu
+
+# The DSA kernels take half precision only. The emulator also accepts float32 on CPU so the fp32
+# parity tests exercise these wrappers; on a real NPU an fp32 call fails here with a clear message.
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _check_dtype(op: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type == "npu" and t.dtype not in _HALF:
+            raise TypeError(f"{op} on NPU takes bfloat16/float16, got {t.dtype}; run the model with "
+                            f"--dtype bfloat16 or set GLM5_OPS_BACKEND_{op.upper()}=reference")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_batch(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, T: int) -> None:
+    B = seq_lens.shape[0]
+    _check(cu_seqlens_q.shape == (B + 1,), f"cu_seqlens_q must be [B+1]={B + 1}, got {tuple(cu_seqlens_q.shape)}")
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == B,
+           f"block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}")
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
+                    slot_mapping: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,
+                    index_cache: torch.Tensor | None) -> None:
+    """Paged write of latent [T, R], rope key [T, Dr] and index key [T, Di]; slots < 0 are skipped.
+
+    latent / rope go through npu_scatter_pa_kv_cache (the key/value pair of scenario 2, ND caches:
+    cache_mode="Norm") and the index key through npu_scatter_nd_update_. Our inputs are already normed
+    and rotated (the model does that), so npu_kv_rmsnorm_rope_cache, which fuses norm + rope + write,
+    does not fit this op's contract.
+    """
+    T, R = latent.shape
+    _check(k_rope.shape[0] == T and slot_mapping.shape == (T,),
+           f"latent [T={T}, R], k_rope [T, Dr] and slot_mapping [T] disagree: {tuple(k_rope.shape)}, "
+           f"{tuple(slot_mapping.shape)}")
+    _check(latent_cache.dim() == 3 and latent_cache.shape[-1] == R and rope_cache.shape[:2] == latent_cache.shape[:2],
+           f"caches must be [num_blocks, block_size, D] with D={R} for the latent, got "
+           f"{tuple(latent_cache.shape)} / {tuple(rope_cache.shape)}")
+    # The kernels require every slot in [0, num_blocks * block_size); padding tokens carry -1.
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    if slots.numel() == 0:
+        return
+    nb, bs = latent_cache.shape[:2]
+    torch_npu.npu_scatter_pa_kv_cache(
+        latent[keep].to(latent_cache.dtype).unsqueeze(1).contiguous(),
+        k_rope[keep].to(rope_cache.dtype).unsqueeze(1).contiguous(),
+        latent_cache.view(nb, bs, 1, R), rope_cache.view(nb, bs, 1, rope_cache.shape[-1]),
+        slots, cache_mode="Norm")
+    if index_cache is not None and index_k is not None:
+        _check(index_k.shape == (T, index_cache.shape[-1]),
+               f"index_k must be [T={T}, {index_cache.shape[-1]}], got {tuple(index_k.shape)}")
+        torch_npu.npu_scatter_nd_update_(index_cache.view(-1, index_cache.shape[-1]), slots.long().view(-1, 1),
+                                         index_k[keep].to(index_cache.dtype))
+
+
+def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
+                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                      topk: int, softmax_scale: float) -> torch.Tensor:
+    """DSA top-k selection via npu_lightning_indexer -> int32 [T, topk] positions, -1 padded at the end.
+
+    q [T, H, D]; weights [T, H] float32; index_cache [num_blocks, block_size, D].
+    The op computes sum_h w_h * relu(q_h . k) with no scale argument; relu(s * x) = s * relu(x) for
+    s > 0, so softmax_scale is folded into the head weights (cast to q's dtype, as the op wants).
+    """
+    T, H, D = q.shape
+    _check(weights.shape == (T, H), f"weights must be [T={T}, H={H}], got {tuple(weights.shape)}")
+    _check(index_cache.dim() == 3 and index_cache.shape[-1] == D,
+           f"index_cache must be [num_blocks, block_size, {D}], got {tuple(index_cache.shape)}")
+    _check(softmax_scale > 0, f"softmax_scale must be > 0 to fold into the weights, got {softmax_scale}")
+    _check_batch(cu_seqlens_q, seq_lens, block_tables, T)
+    _check_dtype("lightning_indexer", q, index_cache)
+    if T == 0:  # the kernel rejects empty queries
+        return torch.empty((0, topk), dtype=torch.int32, device=q.device)
+    nb, bs = index_cache.shape[:2]
+    indices, _ = torch_npu.npu_lightning_indexer(
+        q.contiguous(), index_cache.view(nb, bs, 1, D), (weights.float() * softmax_scale).to(q.dtype).contiguous(),
+        actual_seq_lengths_query=_int32(cu_seqlens_q[1:]), actual_seq_lengths_key=_int32(seq_lens),
+        block_table=_int32(block_tables), layout_query="TND", layout_key="PA_BSND",
+        sparse_count=topk, sparse_mode=3)
+    _check(indices.shape == (T, 1, topk), f"npu_lightning_indexer returned {tuple(indices.shape)}, want [{T}, 1, {topk}]")
+    return indices.view(T, topk)
+
+
+def sparse_mla_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+                         rope_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         seq_lens: torch.Tensor, topk_indices: torch.Tensor, softmax_scale: float,
+                         return_lse: bool = False):
+    """Absorbed sparse MLA via npu_sparse_flash_attention -> out [T, H, R] (+ lse float32 [T, H]).
+
+    The latent cache is both key and value (MLA's absorbed form), the rope parts go in as
+    query_rope / key_rope. topk_indices int32 [T, K] must keep its -1 padding at the end of each row,
+    as lightning_indexer returns it: the kernel reads the valid prefix of each row.
+    The kernel returns softmax_max / softmax_sum as [N_kv=1, T, H]; lse = max + log(sum).
+    """
+    T, H, R = q_latent.shape
+    Dr = q_rope.shape[-1]
+    _check(q_rope.shape == (T, H, Dr), f"q_rope must be [T={T}, H={H}, Dr], got {tuple(q_rope.shape)}")
+    _check(latent_cache.dim() == 3 and latent_cache.shape[-1] == R and rope_cache.shape[-1] == Dr
+           and rope_cache.shape[:2] == latent_cache.shape[:2],
+           f"caches must be [num_blocks, block_size, {R}] and [..., {Dr}], got "
+           f"{tuple(latent_cache.shape)} / {tuple(rope_cache.shape)}")
+    _check(topk_indices.dim() == 2 and topk_indices.shape[0] == T,
+           f"topk_indices must be [T={T}, K], got {tuple(topk_indices.shape)}")
+    _check_batch(cu_seqlens_q, seq_lens, block_tables, T)
+    _check_dtype("sparse_mla_attention", q_latent, q_rope, latent_cache, rope_cache)
+    if T == 0:
+        out = q_latent.new_empty((0, H, R))
+        return (out, torch.empty((0, H), dtype=torch.float32, device=q_latent.device)) if return_lse else out
+    nb, bs = latent_cache.shape[:2]
+    kv = latent_cache.view(nb, bs, 1, R)
+    out, softmax_max, softmax_sum = torch_npu.npu_sparse_flash_attention(
+        q_latent.contiguous(), kv, kv, _int32(topk_indices).view(T, 1, -1).contiguous(), softmax_scale,
+        block_table=_int32(block_tables), actual_seq_lengths_query=_int32(cu_seqlens_q[1:]),
+        actual_seq_lengths_kv=_int32(seq_lens), query_rope=q_rope.contiguous(),
+        key_rope=rope_cache.view(nb, bs, 1, Dr), sparse_block_size=1, layout_query="TND",
+        layout_kv="PA_BSND", sparse_mode=3, return_softmax_lse=return_lse)
+    _check(out.shape == (T, H, R), f"npu_sparse_flash_attention returned {tuple(out.shape)}, want [{T}, {H}, {R}]")
+    if not return_lse:
+        return out
+    lse = (softmax_max.float() + torch.log(softmax_sum.float())).view(T, H)
+    return out, lse

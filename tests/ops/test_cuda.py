@@ -1,0 +1,214 @@
+"""The cuda backend (Triton / torch fast paths) against the reference, on a CUDA GPU.
+
+Skipped without a GPU. With TRITON_INTERPRET=1 and triton installed, the small cases also run on the
+CPU through Triton's interpreter (slow; for developing kernels without a GPU).
+
+Tolerances, per dtype (relative Frobenius error ||out - ref|| / ||ref|| unless said otherwise):
+  bf16 attention / grouped MLP outputs: 2e-2 (bf16 rounding of P / of the intermediate), against a
+      reference run on float32 copies of the same bf16 inputs; float32: 1e-5 (no tf32 for fp32).
+  lse: 2e-2 absolute for bf16 inputs (scores are rounded to bf16 in the reference), 1e-4 for fp32.
+  indexer selection: the sorted true scores of the chosen set equal those of the reference top-k
+      within 1e-3 of the score scale (ties and near-ties may pick different tokens).
+  cache write, permute: exact. unpermute: 1e-2 bf16 (fp32 accumulation here vs bf16 there).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from glm5_ascend.ops.dsa import reference as dsa_ref
+from glm5_ascend.ops.moe import reference as moe_ref
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (torch.cuda.is_available() or _INTERPRET), reason="needs a CUDA GPU (cuda backend)"),
+]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+big = pytest.mark.skipif(DEV.type != "cuda", reason="GLM-5-sized case: GPU only")
+
+
+def dsa():
+    from glm5_ascend.ops.dsa import cuda
+    return cuda
+
+
+def moe():
+    from glm5_ascend.ops.moe import cuda
+    return cuda
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------- paging
+def paged_batch(ctx_lens, q_lens, block_size, seed=0, extra_blocks=2):
+    """Block tables over a shuffled pool (sequences own scattered blocks), cu_seqlens_q, seq_lens."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = [math.ceil(c / block_size) for c in ctx_lens]
+    total = sum(nblk) + extra_blocks
+    perm = torch.randperm(total, generator=g)
+    tables = torch.zeros((len(ctx_lens), max(nblk) + extra_blocks), dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(nblk):
+        tables[b, :n] = perm[at:at + n].int()
+        at += n
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    return total, tables.to(DEV), cu.to(DEV), torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
+
+
+def _query_positions(cu, seq_lens):
+    pos, seq = [], []
+    cu, sl = cu.tolist(), seq_lens.tolist()
+    for b in range(len(sl)):
+        n = cu[b + 1] - cu[b]
+        pos += list(range(sl[b] - n, sl[b]))
+        seq += [b] * n
+    return pos, seq
+
+
+# --------------------------------------------------------------------------------- mla_cache_write
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_index", [True, False])
+def test_mla_cache_write_exact(dtype, with_index):
+    nb, bs, R, DR, DI, T = 6, 16, 64, 16, 32, 40
+    caches = [torch.randn(nb, bs, d, device=DEV).to(dtype) for d in (R, DR, DI)]
+    slots = torch.randperm(nb * bs, device=DEV)[:T]
+    slots[::7] = -1  # padding tokens
+    lat, rope, idx = (torch.randn(T, d, device=DEV) for d in (R, DR, DI))  # float32 in, cast on write
+    want = [c.clone() for c in caches]
+    dsa_ref.mla_cache_write(lat, rope, idx if with_index else None, slots, *want[:2], want[2] if with_index else None)
+    dsa().mla_cache_write(lat, rope, idx if with_index else None, slots, *caches[:2], caches[2] if with_index else None)
+    for got, ref in zip(caches, want):
+        assert torch.equal(got, ref)
+
+
+# ------------------------------------------------------------------------------- lightning_indexer
+def _indexer_case(ctx_lens, q_lens, H, D, topk, block_size, dtype, seed=0):
+    nblocks, tables, cu, seq_lens = paged_batch(ctx_lens, q_lens, block_size, seed)
+    T = sum(q_lens)
+    torch.manual_seed(seed)
+    q = torch.randn(T, H, D, device=DEV).to(dtype)
+    w = torch.randn(T, H, device=DEV) * H ** -0.5
+    cache = torch.randn(nblocks, block_size, D, device=DEV).to(dtype)
+    return q, w, cache, tables, cu, seq_lens
+
+
+def _check_selection(got, q, w, cache, tables, cu, seq_lens, topk, scale):
+    """Same count, unique causal positions, and (allowing ties) the same multiset of true scores."""
+    bs = cache.shape[1]
+    flat = cache.view(-1, cache.shape[-1]).double()
+    pos, seq = _query_positions(cu, seq_lens)
+    got = got.cpu()
+    for t in range(q.shape[0]):
+        n = pos[t] + 1
+        keep = min(topk, n)
+        row = got[t]
+        assert (row[keep:] == -1).all() and (row[:keep] >= 0).all(), f"token {t}: bad -1 padding"
+        sel = row[:keep].long()
+        assert sel.unique().numel() == keep and int(sel.max()) < n, f"token {t}: duplicate or non-causal"
+        p = torch.arange(n)
+        slots = tables[seq[t], p // bs].long().cpu() * bs + p % bs
+        keys = flat[slots.to(flat.device)]
+        s = torch.relu(torch.einsum("hd,jd->hj", q[t].double(), keys) * scale)
+        s = (w[t].double()[:, None] * s).sum(0).cpu()
+        want = s.topk(keep).values.sort().values
+        have = s[sel].sort().values
+        tol = 1e-3 * float(s.abs().max()) + 1e-6
+        assert (want - have).abs().max() <= tol, f"token {t}: selected scores differ from the top-{keep}"
+
+
+INDEXER_CASES = {
+    # name: (ctx_lens, q_lens, H, D, topk, block_size)
+    "decode_small": ([5, 37, 64, 100], [1, 1, 1, 1], 4, 32, 16, 16),
+    "topk_ge_context": ([3, 16, 17], [1, 1, 1], 8, 16, 32, 16),
+    "block_boundaries": ([127, 128, 129, 255, 256, 257], [1] * 6, 8, 64, 100, 128),
+    "prefill_varlen": ([40, 70, 33], [40, 9, 1], 4, 32, 24, 16),
+    "chunked_prefill": ([300, 10], [50, 0], 4, 32, 64, 32),  # an empty sequence too
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEXER_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lightning_indexer_small(case, dtype):
+    ctx, ql, H, D, topk, bs = INDEXER_CASES[case]
+    args = _indexer_case(ctx, ql, H, D, topk, bs, dtype)
+    got = dsa().lightning_indexer(*args, topk, D ** -0.5)
+    assert got.dtype == torch.int32 and got.shape == (sum(ql), topk)
+    _check_selection(got, *args, topk, D ** -0.5)
+
+
+@big
+@pytest.mark.parametrize("ctx_lens,q_lens", [
+    ([32768, 5000, 2048, 2047, 2049, 130], [1] * 6),      # decode, around topk and block edges
+    ([4200, 3000], [1500, 300]),                           # prefill chunks, longer than topk
+])
+def test_lightning_indexer_glm5_shape(ctx_lens, q_lens):
+    args = _indexer_case(ctx_lens, q_lens, 32, 128, 2048, 128, torch.bfloat16, seed=3)
+    got = dsa().lightning_indexer(*args, 2048, 128 ** -0.5)
+    _check_selection(got, *args, 2048, 128 ** -0.5)
+
+
+# ----------------------------------------------------------------------------- sparse_mla_attention
+def _mla_case(ctx_lens, q_lens, H, R, DR, K, block_size, dtype, pad_every=0, seed=0):
+    nblocks, tables, cu, seq_lens = paged_batch(ctx_lens, q_lens, block_size, seed)
+    T = sum(q_lens)
+    torch.manual_seed(seed)
+    ql = torch.randn(T, H, R, device=DEV).to(dtype)
+    qr = torch.randn(T, H, DR, device=DEV).to(dtype)
+    lat = torch.randn(nblocks, block_size, R, device=DEV).to(dtype)
+    rope = torch.randn(nblocks, block_size, DR, device=DEV).to(dtype)
+    pos, _ = _query_positions(cu, seq_lens)
+    idx = torch.full((T, K), -1, dtype=torch.int32)
+    for t, p in enumerate(pos):  # random causal selection, -1 padded when the context is short
+        sel = torch.randperm(p + 1)[:K]
+        idx[t, :sel.numel()] = sel.int()
+        if pad_every:
+            idx[t, 1::pad_every] = -1  # holes inside the list, not only at its tail
+            idx[t, 0] = p
+    return ql, qr, lat, rope, tables, cu, seq_lens, idx.to(DEV)
+
+
+MLA_CASES = {
+    # name: (ctx_lens, q_lens, H, R, DR, K, block_size, pad_every)
+    "decode_small": ([20, 64, 100], [1, 1, 1], 4, 64, 16, 32, 16, 0),
+    "tp8_heads_k_gt_ctx": ([5, 40], [1, 1], 8, 64, 16, 48, 16, 0),
+    "holes_in_list": ([90, 33], [2, 3], 16, 32, 8, 40, 16, 3),
+    "prefill_varlen": ([50, 17, 80], [50, 1, 20], 4, 64, 16, 24, 32, 0),
+}
+
+
+def _check_mla(args, scale, dtype, splits=None):
+    ref_args = [a.float() if a.is_floating_point() else a for a in args]
+    want, want_lse = dsa_ref.sparse_mla_attention(*ref_args, scale, return_lse=True)
+    old = dsa().CONFIG["mla_splits"]
+    dsa().CONFIG["mla_splits"] = splits
+    try:
+        out, lse = dsa().sparse_mla_attention(*args, scale, return_lse=True)
+        plain = dsa().sparse_mla_attention(*args, scale)
+    finally:
+        dsa().CONFIG["mla_splits"] = old
+    assert out.dtype == args[0].dtype and lse.dtype == torch.float32 and torch.equal(out, plain)
+    tol_o, tol_l = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert _rel(out, want) < tol_o
+    assert (lse - want_lse).abs().max().item() < tol_l
+
+
+@pytest.mark.parametrize("case", sorted(MLA_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_sparse_mla_small(case, dtype, splits):
+    ctx, ql, H, R, DR, K, bs, pad = MLA_CASES[case]
+    _check_mla(_mla_case(ctx, ql, H, R, DR, K, bs, dtype, pad), R ** -0.5, dtype, splits)
+
+
+@big
+@pytest.mark.parametrize("ctx_lens,q_lens", [([32768, 3000, 2048, 129], [1] * 4), ([2500, 700], [200, 37])])
+def test_sparse_mla_glm5_shape(ctx_lens, q_lens):
+    args = _mla_case(ctx_lens, q_lens, 64, 512, 64, 2048, 128, torch.bfloat16, seed=5)
+    _check_mla(args, 256 ** -0.5, torch.bfloat16)
