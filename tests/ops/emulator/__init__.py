@@ -7,9 +7,13 @@ it never registers torch.npu, so the platform stays cpu.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import importlib.machinery
 import importlib.util
 import sys
+import types
 
 from .dsa import (npu_lightning_indexer, npu_scatter_nd_update_, npu_scatter_pa_kv_cache,
                   npu_sparse_flash_attention)
@@ -36,18 +40,40 @@ def real_torch_npu_present() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
+def _counting_module():
+    """A fresh `torch_npu` module whose ops count their calls (signatures kept via functools.wraps)."""
+    calls = collections.Counter()
+    mod = types.ModuleType("torch_npu", __doc__)
+    mod.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)  # find_spec("torch_npu") must not fail
+    mod.EMULATED, mod.calls, mod.register_group = True, calls, register_group
+    this = sys.modules[__name__]
+    for name in OPS:
+        fn = getattr(this, name)
+
+        @functools.wraps(fn)
+        def counted(*args, __fn=fn, __name=name, **kwargs):
+            calls[__name] += 1
+            return __fn(*args, **kwargs)
+        setattr(mod, name, counted)
+    return mod
+
+
 @contextlib.contextmanager
 def installed():
-    """sys.modules['torch_npu'] = this emulator for the duration (a no-op where real torch_npu exists)."""
+    """sys.modules['torch_npu'] = the emulator for the duration; yields it (its `.calls` counts op calls).
+
+    Where a real torch_npu exists this installs nothing and yields the real module.
+    """
     if real_torch_npu_present():
-        yield sys.modules.get("torch_npu")
+        import torch_npu
+        yield torch_npu
         return
     previous = sys.modules.get("torch_npu")
     for name in _NPU_MODULES:
         sys.modules.pop(name, None)
-    sys.modules["torch_npu"] = sys.modules[__name__]
+    mod = sys.modules["torch_npu"] = _counting_module()
     try:
-        yield sys.modules[__name__]
+        yield mod
     finally:
         for name in _NPU_MODULES:
             sys.modules.pop(name, None)

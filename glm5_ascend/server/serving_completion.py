@@ -1,0 +1,231 @@
+"""/v1/completions: prompts (text, token ids, or a list of either) in, choices out, streamed or not."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from glm5_ascend.engine.sampling_params import SamplingParams
+from glm5_ascend.engine.sequence import RequestOutput
+from glm5_ascend.server.errors import BadRequest
+from glm5_ascend.server.protocol import CompletionRequest
+from glm5_ascend.server.serving_tokens import ServingContext
+
+NEG_INF = -9999.0  # what OpenAI shows for a -inf logprob
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    ids: list[int]
+    params: SamplingParams
+
+
+def logprob_value(lp: float) -> float:
+    return max(lp, NEG_INF)
+
+
+def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list, num: int, offset: int,
+                        as_id: bool) -> dict:
+    """OpenAI's completion logprobs ({text_offset, token_logprobs, tokens, top_logprobs}) for token_ids."""
+    offsets, token_lps, tokens, tops = [], [], [], []
+    for tid, entry in zip(token_ids, entries):
+        token = ctx.token_text(tid, as_id)
+        if entry is None:  # the first prompt token has no logprob
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(logprob_value(entry[tid].logprob))
+            # The sampled token comes first, then the top ones: up to num + 1 entries (vLLM's rule).
+            tops.append({ctx.token_text(t, as_id): logprob_value(lp.logprob)
+                         for i, (t, lp) in enumerate(entry.items()) if i <= num})
+        offsets.append(offset)
+        offset += len(token)
+        tokens.append(token)
+    return {"text_offset": offsets, "token_logprobs": token_lps, "tokens": tokens, "top_logprobs": tops}
+
+
+def prompt_logprobs_json(ctx: ServingContext, entries: list | None) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token, {token_id: {logprob, rank, decoded_token}} (first is null)."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": logprob_value(lp.logprob), "rank": lp.rank,
+                                             "decoded_token": ctx.token_text(t)} for t, lp in e.items()}
+            for e in entries]
+
+
+async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(index, item) from several async generators as items arrive; cancelling it cancels them all."""
+    if len(gens) == 1:
+        async for item in gens[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: AsyncIterator) -> None:
+        try:
+            async for item in gen:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class CompletionServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    def prepare(self, req: CompletionRequest) -> list[_Prompt]:
+        """Tokenize and check every prompt; all are refused before any is queued."""
+        ctx = self.ctx
+        if req.suffix:
+            raise BadRequest("suffix is not currently supported", param="suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise BadRequest("best_of is not supported; drop it or set it equal to n.", param="best_of")
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
+            raw = [raw]
+        prompts = []
+        for p in raw:
+            ids = ctx.encode(p, req.add_special_tokens is not False) if isinstance(p, str) else list(p)
+            ids = ctx.truncate(ids, req.truncate_prompt_tokens)
+            ctx.check_ids(ids)
+            max_tokens = ctx.max_tokens(len(ids), req.max_tokens)
+            prompt_lp = req.prompt_logprobs
+            if req.echo and req.logprobs is not None:
+                prompt_lp = max(prompt_lp or 0, req.logprobs)  # echoed tokens carry logprobs too
+            params = ctx.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
+            prompts.append(_Prompt(p if isinstance(p, str) else None, ids, params))
+        return prompts
+
+    def _prompt_text(self, p: _Prompt) -> str:
+        return p.text if p.text is not None else self.ctx.tokenizer.decode(p.ids)
+
+    async def generate(self, req: CompletionRequest, request_id: str) -> tuple[list[_Prompt], AsyncIterator]:
+        prompts = self.prepare(req)
+        gens = [self.ctx.engine.generate(p.ids, p.params, f"{request_id}-{i}", prompt=p.text)
+                for i, p in enumerate(prompts)]
+        return prompts, merge(gens)
+
+    # ---------------------------------------------------------------- one response
+    async def full(self, req: CompletionRequest, request_id: str, model: str) -> dict:
+        prompts, stream = await self.generate(req, request_id)
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in stream:
+            finals[i] = out
+        choices, completion_tokens = [], 0
+        for i, p in enumerate(prompts):
+            out = finals[i]
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                choices.append(self._choice(req, p, out, o, i * p.params.n + o.index))
+        n_prompt = sum(len(p.ids) for p in prompts)
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": choices, "usage": _usage(n_prompt, completion_tokens), "system_fingerprint": None}
+
+    def _choice(self, req, p: _Prompt, out: RequestOutput, o, index: int) -> dict:
+        ctx, as_id = self.ctx, bool(req.return_tokens_as_token_ids)
+        text = ctx.final_text(o.text, o, p.params)
+        logprobs = None
+        if req.echo:
+            text = self._prompt_text(p) + text
+        if req.logprobs is not None:
+            ids, entries = list(o.token_ids), list(o.logprobs or [])
+            if req.echo:
+                prompt_entries = out.prompt_logprobs or [None] * len(p.ids)
+                ids, entries = p.ids + ids, list(prompt_entries) + entries
+            logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0, as_id)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason,
+                  "stop_reason": o.stop_reason,
+                  "prompt_logprobs": prompt_logprobs_json(ctx, out.prompt_logprobs) if req.prompt_logprobs
+                  is not None else None}
+        if req.return_token_ids:
+            choice["token_ids"], choice["prompt_token_ids"] = list(o.token_ids), list(p.ids)
+        return choice
+
+    # ---------------------------------------------------------------- streaming
+    async def stream(self, req: CompletionRequest, request_id: str, model: str) -> AsyncIterator[str]:
+        """SSE events; the caller adds errors and ``[DONE]``. Validation errors raise before the first event."""
+        prompts, outputs = await self.generate(req, request_id)
+        return self._events(req, request_id, model, prompts, outputs)
+
+    async def _events(self, req, request_id, model, prompts, outputs) -> AsyncIterator[str]:
+        ctx, created = self.ctx, int(time.time())
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and bool(opts.continuous_usage_stats)
+        n = prompts[0].params.n
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        finished: set[int] = set()
+        completion_tokens: dict[int, int] = {}
+        async for i, out in outputs:
+            p = prompts[i]
+            for o in out.outputs:
+                index = i * n + o.index
+                if index in finished:
+                    continue
+                first = index not in sent_text
+                text = ctx.final_text(o.text, o, p.params) if o.finish_reason else o.text
+                delta = text[sent_text.get(index, 0):]
+                new_ids = o.token_ids[sent_tokens.get(index, 0):]
+                if not delta and not new_ids and not o.finish_reason:
+                    continue
+                prefix = self._prompt_text(p) if req.echo and first else ""
+                logprobs = None
+                if req.logprobs is not None:
+                    ids, entries = list(new_ids), list((o.logprobs or [])[sent_tokens.get(index, 0):])
+                    if req.echo and first:
+                        ids = p.ids + ids
+                        entries = list(out.prompt_logprobs or [None] * len(p.ids)) + entries
+                    logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, offsets.get(index, 0),
+                                                   bool(req.return_tokens_as_token_ids))
+                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+                sent_text[index], sent_tokens[index] = len(text), len(o.token_ids)
+                completion_tokens[index] = len(o.token_ids)
+                if o.finish_reason:
+                    finished.add(index)
+                choice = {"index": index, "text": prefix + delta, "logprobs": logprobs,
+                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = list(new_ids)
+                    if first:
+                        choice["prompt_token_ids"] = list(p.ids)
+                chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                         "choices": [choice], "usage": None}
+                if continuous:
+                    chunk["usage"] = _usage(len(p.ids), len(o.token_ids))
+                yield _sse(chunk)
+        if include_usage:
+            usage = _usage(sum(len(p.ids) for p in prompts), sum(completion_tokens.values()))
+            yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [], "usage": usage})
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
