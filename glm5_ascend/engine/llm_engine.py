@@ -166,11 +166,14 @@ class LLMEngine:
             for rank, (tid, lp) in enumerate(zip(s.top[i][0], s.top[i][1]), start=1):
                 entry.setdefault(tid, Logprob(lp, rank))
             seq.logprobs.append(entry)
+        new_chars = 0
         if seq.params.detokenize:
-            seq.output_text += seq.detok.step(seq.token_ids)
-        self._check_stop(seq, token)
+            new_text = seq.detok.step(seq.token_ids)
+            seq.output_text += new_text
+            new_chars = len(new_text)
+        self._check_stop(seq, token, new_chars)
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int, new_chars: int) -> None:
         p = seq.params
         reason = stop_reason = None
         if seq.num_output_tokens >= p.min_tokens:
@@ -179,7 +182,7 @@ class LLMEngine:
             elif token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
             elif p.stop and p.detokenize:
-                hit = _find_stop(seq.output_text, p.stop, p.include_stop_str_in_output)
+                hit = _find_stop(seq.output_text, p.stop, p.include_stop_str_in_output, new_chars)
                 if hit is not None:
                     seq.output_text, stop_reason = hit
                     reason = "stop"
@@ -233,11 +236,11 @@ class LLMEngine:
                 "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total}
 
 
-def _find_stop(text: str, stops: list[str], include: bool):
-    """(truncated text, stop string) for the earliest stop string in text, else None."""
+def _find_stop(text: str, stops: list[str], include: bool, new_chars: int):
+    """(truncated text, stop string) for the earliest stop string that the last new_chars completed."""
     best = None
     for s in stops:
-        i = text.find(s)
+        i = text.find(s, max(0, len(text) - new_chars - len(s) + 1))
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     if best is None:

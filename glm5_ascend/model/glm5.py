@@ -7,6 +7,7 @@ so its cost per token is O(index_topk), not O(context). All operators go through
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -226,7 +227,6 @@ class MTPLayer(DecoderLayer):
 
 def _with_full_indexer(cfg: ModelConfig) -> ModelConfig:
     """A view of cfg with one extra layer (the MTP layer): MoE, with its own indexer."""
-    import dataclasses
     return dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1,
                                mlp_layer_types=cfg.mlp_layer_types + ("sparse",),
                                indexer_types=cfg.indexer_types + ("full",))
