@@ -61,7 +61,8 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
             "x must be [NUM_ROWS, H] and expert_idx [NUM_ROWS, K]")
     require(expert_idx.dtype == torch.int32, op, "expert_idx must be int32")
     T, K = expert_idx.shape
-    require(active_num in (-1, 0, T * K) or active_num > 0, op, "active_num >= -1")
+    require(active_num >= -1, op, "active_num must be >= -1")
+    limit(active_num in (-1, 0, T * K), op, "active_num covering every row (-1, 0 or NUM_ROWS * K)")
     require(0 < expert_num <= 10240, op, "expert_num must be in (0, 10240]")
     require(drop_pad_mode == 0, op, "only drop_pad_mode=0 (dropless)")
     limit(expert_tokens_num_type == 1 and expert_tokens_num_flag, op, "count mode (expert_tokens_num_type=1, flag)")

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +96,16 @@ def _const(node: ast.AST):
     raise ValueError(f"unsupported default expression: {ast.unparse(node)}")
 
 
+def _parse(src: str) -> ast.Module:
+    with warnings.catch_warnings():  # the docs file has invalid escapes in its (Chinese) docstrings
+        warnings.simplefilter("ignore")
+        return ast.parse(src)
+
+
 def parse_meta(src: str) -> dict[str, list[str]]:
     """{op name: parameter names} of every `@impl(m, "name")` meta kernel."""
     out = {}
-    for node in ast.walk(ast.parse(src)):
+    for node in ast.walk(_parse(src)):
         if not isinstance(node, ast.FunctionDef):
             continue
         for dec in node.decorator_list:
@@ -111,7 +118,7 @@ def parse_meta(src: str) -> dict[str, list[str]]:
 
 def parse_docs(src: str) -> set[str]:
     """Names documented with `_add_torch_npu_docstr("name", ...)`."""
-    return {n.args[0].value for n in ast.walk(ast.parse(src))
+    return {n.args[0].value for n in ast.walk(_parse(src))
             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "_add_torch_npu_docstr"
             and n.args and isinstance(n.args[0], ast.Constant)}
 

@@ -1,0 +1,181 @@
+"""The reference ops (the spec) against straightforward dense torch formulations.
+
+Each dense oracle gathers a sequence's whole context out of the paged cache and computes the op the
+obvious way, so paging, variable lengths, causality and -1 padding are checked independently.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm5_ascend.ops.dsa import reference as dsa
+from glm5_ascend.ops.moe import reference as moe
+
+from .conftest import make_batch, make_moe_ids
+
+
+def dense_index_scores(q, weights, index_cache, batch, scale) -> list[torch.Tensor]:
+    """Per query token: float32 [ctx] scores sum_h w_h relu(scale q_h . k_j), -inf past its position."""
+    flat = index_cache.view(-1, index_cache.shape[-1]).float()
+    out, pos, seq = [], batch.positions(), batch.seq_of_token()
+    for t in range(batch.T):
+        b = int(seq[t])
+        keys = flat[batch.slot(b, torch.arange(batch.ctx[b]))]
+        s = (weights[t].float()[:, None] * torch.relu(scale * q[t].float() @ keys.T)).sum(0)
+        s[pos[t] + 1:] = float("-inf")
+        out.append(s)
+    return out
+
+
+def check_selection(idx, dense, topk, atol):
+    """idx int32 [T, topk] is a valid top-k of each dense row: valid, unique, trailing -1, best scores."""
+    for t, s in enumerate(dense):
+        n_valid = min(topk, int(torch.isfinite(s).sum()))
+        row = idx[t].long()
+        assert (row[:n_valid] >= 0).all() and (row[n_valid:] == -1).all(), f"token {t}: padding wrong: {row}"
+        chosen = row[:n_valid]
+        assert chosen.unique().numel() == n_valid, f"token {t}: repeated positions {chosen}"
+        assert torch.isfinite(s[chosen]).all(), f"token {t}: a chosen position is in the future"
+        best = s.topk(n_valid).values
+        torch.testing.assert_close(s[chosen].sort(descending=True).values, best, atol=atol, rtol=0)
+
+
+def test_lightning_indexer_matches_dense_topk(dsa_batch):
+    name, batch, topk = dsa_batch
+    gen = torch.Generator().manual_seed(1)
+    H, D = 4, 16
+    q = torch.randn(batch.T, H, D, generator=gen)
+    w = torch.randn(batch.T, H, generator=gen)
+    cache = batch.cache(D, torch.float32, "cpu", gen)
+    idx = dsa.lightning_indexer(q, w, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, topk, D ** -0.5)
+    assert idx.dtype == torch.int32 and idx.shape == (batch.T, topk)
+    check_selection(idx, dense_index_scores(q, w, cache, batch, D ** -0.5), topk, atol=1e-5)
+
+
+def dense_sparse_attention(q_lat, q_rope, lat_cache, rope_cache, batch, topk_idx, scale):
+    """Dense softmax over the whole context with everything outside the selected set masked."""
+    T, H, R = q_lat.shape
+    out, lse = torch.zeros(T, H, R), torch.zeros(T, H)
+    seq = batch.seq_of_token()
+    for t in range(T):
+        b = int(seq[t])
+        slots = batch.slot(b, torch.arange(batch.ctx[b]))
+        lat = lat_cache.view(-1, R)[slots].float()
+        rope = rope_cache.view(-1, rope_cache.shape[-1])[slots].float()
+        s = (q_lat[t].float() @ lat.T + q_rope[t].float() @ rope.T) * scale  # [H, ctx]
+        sel = torch.zeros(batch.ctx[b], dtype=torch.bool)
+        chosen = topk_idx[t][topk_idx[t] >= 0].long()
+        sel[chosen] = True
+        s = s.masked_fill(~sel, float("-inf"))
+        lse[t] = torch.logsumexp(s, -1)
+        out[t] = torch.softmax(s, -1) @ lat
+    return out, lse
+
+
+def random_topk(batch, topk, gen) -> torch.Tensor:
+    """int32 [T, topk] causal positions per query (random subsets), -1 padded at the end."""
+    out = torch.full((batch.T, topk), -1, dtype=torch.int32)
+    for t, p in enumerate(batch.positions().tolist()):
+        n = min(topk, p + 1)
+        out[t, :n] = torch.randperm(p + 1, generator=gen)[:n].to(torch.int32)
+    return out
+
+
+def test_sparse_mla_attention_matches_dense_masked(dsa_batch):
+    name, batch, topk = dsa_batch
+    gen = torch.Generator().manual_seed(2)
+    H, R, Dr = 4, 32, 8
+    q_lat, q_rope = torch.randn(batch.T, H, R, generator=gen), torch.randn(batch.T, H, Dr, generator=gen)
+    lat, rope = batch.cache(R, torch.float32, "cpu", gen), batch.cache(Dr, torch.float32, "cpu", gen)
+    idx = random_topk(batch, topk, gen)
+    out, lse = dsa.sparse_mla_attention(q_lat, q_rope, lat, rope, batch.block_tables, batch.cu_seqlens_q,
+                                        batch.seq_lens, idx, 0.3, return_lse=True)
+    want_out, want_lse = dense_sparse_attention(q_lat, q_rope, lat, rope, batch, idx, 0.3)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dsa.sparse_mla_attention(q_lat, q_rope, lat, rope, batch.block_tables, batch.cu_seqlens_q,
+                                                batch.seq_lens, idx, 0.3), out)
+
+
+def test_mla_cache_write_hits_slots_and_skips_padding():
+    batch = make_batch([3, 2], [10, 5], 4)
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.cat([batch.slot(b, torch.arange(c - q, c)) for b, (q, c) in enumerate(zip(batch.q_lens, batch.ctx))])
+    slots[1] = -1  # a padding token
+    lat, rope, idx = (torch.randn(batch.T, d, generator=gen) for d in (8, 4, 6))
+    caches = [torch.zeros(batch.num_blocks, 4, d) for d in (8, 4, 6)]
+    dsa.mla_cache_write(lat, rope, idx, slots, *caches)
+    for src, cache in zip((lat, rope, idx), caches):
+        flat = cache.view(-1, cache.shape[-1])
+        keep = slots >= 0
+        assert torch.equal(flat[slots[keep]], src[keep])
+        assert int((flat.abs().sum(-1) > 0).sum()) == int(keep.sum())  # nothing else written
+
+
+def direct_route(logits, bias, top_k, n_group, topk_group, scale, norm):
+    """Token by token, the noaux_tc rule written out with Python loops."""
+    T, E = logits.shape
+    per = E // n_group
+    weights, ids = torch.zeros(T, top_k), torch.zeros(T, top_k, dtype=torch.long)
+    for t in range(T):
+        s = torch.sigmoid(logits[t])
+        c = s + bias
+        group_score = [sorted(c[g * per:(g + 1) * per].tolist())[-2:] for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -sum(group_score[g]))[:topk_group]
+        cand = [e for e in range(E) if e // per in groups]
+        chosen = sorted(cand, key=lambda e: -float(c[e]))[:top_k]
+        w = s[chosen]
+        w = w / w.sum() if norm else w
+        ids[t], weights[t] = torch.tensor(chosen), w * scale
+    return weights, ids
+
+
+@pytest.mark.parametrize("E,top_k,n_group,topk_group,norm", [
+    (16, 4, 4, 2, True), (16, 2, 1, 1, True), (12, 3, 3, 1, False), (256, 8, 8, 4, True)])
+def test_moe_route_matches_direct_formula(E, top_k, n_group, topk_group, norm):
+    gen = torch.Generator().manual_seed(E + top_k)
+    logits, bias = torch.randn(7, E, generator=gen), torch.randn(E, generator=gen) * 0.1
+    w, ids = moe.moe_route(logits, bias, top_k, n_group, topk_group, 2.5, norm)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and ids.shape == (7, top_k)
+    want_w, want_ids = direct_route(logits, bias, top_k, n_group, topk_group, 2.5, norm)
+    order = ids.long().sort(-1)
+    want = want_ids.sort(-1)
+    assert torch.equal(order.values, want.values)
+    torch.testing.assert_close(w.gather(1, order.indices), want_w.gather(1, want.indices), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_permute_unpermute_round_trip(drop):
+    gen = torch.Generator().manual_seed(4)
+    T, k, E, D = 9, 3, 8, 5
+    x = torch.randn(T, D, generator=gen)
+    ids = make_moe_ids(T, k, E, gen, empty_experts=(2, 5))
+    if drop:  # an EP rank: ids it does not own arrive as -1 or out of range
+        ids[0, 0], ids[3, :], ids[4, 1] = -1, -1, E + 3
+    permuted, order, counts = moe.moe_permute(x, ids, E)
+    flat = ids.reshape(-1).long()
+    keep = (flat >= 0) & (flat < E)
+    assert counts.tolist() == torch.bincount(flat[keep], minlength=E).tolist() and counts[2] == counts[5] == 0
+    assert permuted.shape == (int(keep.sum()), D) and torch.equal(permuted, x[order // k])
+    assert (flat[order][1:] >= flat[order][:-1]).all(), "rows must be grouped by expert"
+    w = torch.rand(T, k, generator=gen)
+    back = moe.moe_unpermute(permuted, order, w)
+    want = x * (w * keep.view(T, k)).sum(-1, keepdim=True)
+    torch.testing.assert_close(back, want, atol=1e-6, rtol=1e-6)
+
+
+def test_grouped_mlp_matches_per_expert_loop():
+    gen = torch.Generator().manual_seed(5)
+    E, D, I = 6, 8, 4
+    counts = torch.tensor([3, 0, 2, 0, 4, 1])  # experts 1 and 3 get no rows
+    x = torch.randn(int(counts.sum()), D, generator=gen)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=gen), torch.randn(E, D, I, generator=gen)
+    out = moe.grouped_mlp(x, counts, w13, w2)
+    expert = torch.repeat_interleave(torch.arange(E), counts)
+    for r in range(len(x)):
+        e = int(expert[r])
+        h = w13[e] @ x[r]
+        want = w2[e] @ (F.silu(h[:I]) * h[I:])
+        torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
+    assert moe.grouped_mlp(x[:0], torch.zeros(E, dtype=torch.long), w13, w2).shape == (0, D)
