@@ -1,6 +1,7 @@
 """Per-request timings and the figures `glm5-ascend bench serve` reports (vLLM's definitions and key names).
 
-TTFT: request sent -> first chunk with generated content. ITL: gaps between later content chunks.
+TTFT: request sent -> first chunk with generated tokens (non-empty choices; not a chat role announcement).
+ITL: gaps between later such chunks.
 TPOT: (E2E - TTFT) / (output tokens - 1), output tokens from the server's final usage.
 """
 from __future__ import annotations
@@ -33,12 +34,12 @@ class RequestOutput:
     error: str = ""
 
 
-def timings_from_chunks(start: float, content_times: list[float], end: float) -> tuple[float, list[float], float]:
-    """(ttft, itl, e2e) from the send time, the arrival times of content chunks, and the stream's end."""
-    if not content_times:
+def timings_from_chunks(start: float, token_times: list[float], end: float) -> tuple[float, list[float], float]:
+    """(ttft, itl, e2e) from the send time, the arrival times of token chunks, and the stream's end."""
+    if not token_times:
         return end - start, [], end - start
-    itl = [b - a for a, b in zip(content_times, content_times[1:])]
-    return content_times[0] - start, itl, end - start
+    itl = [b - a for a, b in zip(token_times, token_times[1:])]
+    return token_times[0] - start, itl, end - start
 
 
 def tpot(out: RequestOutput) -> float | None:

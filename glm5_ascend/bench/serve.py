@@ -184,7 +184,12 @@ def build_payload(args, model: str, req: SampleRequest) -> dict:
 
 
 def chunk_content(data: dict) -> tuple[bool, str]:
-    """(whether this chunk carries generated output, its text). A chat role-only chunk carries none."""
+    """(whether this chunk stands for generated tokens, its text).
+
+    Any chunk with choices does, even with empty text (the detokenizer holds back a partial character
+    or a skipped special token), except a chat chunk that only announces the assistant's role: a server
+    may send that before prefill is done, and it would make TTFT look near zero.
+    """
     choices = data.get("choices") or []
     if not choices:
         return False, ""
@@ -192,9 +197,9 @@ def chunk_content(data: dict) -> tuple[bool, str]:
     if "delta" in choice:
         delta = choice.get("delta") or {}
         text = (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
-        return bool(text or delta.get("tool_calls")), text
-    text = choice.get("text") or ""
-    return bool(text), text
+        role_only = "role" in delta and not text and not delta.get("tool_calls")
+        return not role_only, text
+    return True, choice.get("text") or ""
 
 
 def _error_text(body) -> str:
@@ -240,8 +245,8 @@ async def send_request(session, url: str, headers: dict, body: dict, prompt_len:
     """Stream one request and time it; failures come back as success=False with a message."""
     import aiohttp
     out = RequestOutput(prompt_len=prompt_len)
-    content_times: list[float] = []
-    first_choice, texts, usage_tokens, end = None, [], None, None
+    token_times: list[float] = []
+    texts, usage_tokens, end = [], None, None
     start = time.perf_counter()
     try:
         async with session.post(url, json=body, headers=headers) as resp:
@@ -255,11 +260,9 @@ async def send_request(session, url: str, headers: dict, body: dict, prompt_len:
                 if data.get("error"):
                     out.error = f"error event in the stream: {_error_text(data)[:500]}"
                     return out
-                has_content, text = chunk_content(data)
-                if data.get("choices") and first_choice is None:
-                    first_choice = now
-                if has_content:
-                    content_times.append(now)
+                is_token, text = chunk_content(data)
+                if is_token:
+                    token_times.append(now)
                     texts.append(text)
                 if data.get("usage"):
                     usage_tokens = data["usage"].get("completion_tokens")
@@ -272,9 +275,7 @@ async def send_request(session, url: str, headers: dict, body: dict, prompt_len:
     if end is None:  # a vLLM server always ends with [DONE]; without it the server died mid-answer
         out.error = "the stream closed before data: [DONE]"
         return out
-    if not content_times and first_choice is not None:  # only empty deltas (e.g. skipped special tokens)
-        content_times = [first_choice]
-    out.ttft, out.itl, out.latency = timings_from_chunks(start, content_times, end)
+    out.ttft, out.itl, out.latency = timings_from_chunks(start, token_times, end)
     out.generated_text = "".join(texts)
     out.output_tokens = usage_tokens if usage_tokens is not None else -1  # -1: count it from the text later
     out.success = True
