@@ -183,11 +183,16 @@ class MoE(nn.Module):
         logits = F.linear(x.float(), self.gate.weight)
         weights, ids = ops.moe_route(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
                                      c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
+        w13, w2 = self.experts.w13_weight, self.experts.w2_weight
         if self.ps.ep_size > 1:
-            raise NotImplementedError("expert parallelism across processes is not wired into the model yet")
-        permuted, order, counts = ops.moe_permute(x, ids, self.experts.n_local)
-        expert_out = ops.grouped_mlp(permuted, counts, self.experts.w13_weight, self.experts.w2_weight)
-        return ops.moe_unpermute(expert_out, order, weights) + self.shared_experts(x)
+            # Each EP rank brings its own tokens (data-parallel attention); rows travel to the
+            # experts' ranks and back. Every rank must call this, also with no tokens.
+            recv, counts, handle = ops.ep_dispatch(x, ids, weights, c.n_routed_experts, self.ps.ep_group)
+            routed = ops.ep_combine(ops.grouped_mlp(recv, counts, w13, w2), handle)
+        else:
+            permuted, order, counts = ops.moe_permute(x, ids, self.experts.n_local)
+            routed = ops.moe_unpermute(ops.grouped_mlp(permuted, counts, w13, w2), order, weights)
+        return routed + self.shared_experts(x)
 
 
 class DecoderLayer(nn.Module):
