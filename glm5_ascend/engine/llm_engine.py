@@ -167,7 +167,11 @@ class LLMEngine:
                 entry.setdefault(tid, Logprob(lp, rank))
             seq.logprobs.append(entry)
         new_chars = 0
-        if seq.params.detokenize:
+        p = seq.params
+        # vLLM never shows the text of the EOS / stop token that ends a sequence.
+        ends_here = seq.num_output_tokens >= p.min_tokens and (
+            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids)
+        if p.detokenize and not (ends_here and not p.include_stop_str_in_output):
             new_text = seq.detok.step(seq.token_ids)
             seq.output_text += new_text
             new_chars = len(new_text)

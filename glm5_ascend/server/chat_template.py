@@ -85,6 +85,8 @@ def to_template_messages(messages: list) -> list[dict]:
     out = []
     for m in messages:
         msg = m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else dict(m)
+        if msg.get("role") == "developer":  # OpenAI's newer name for the system turn
+            msg["role"] = "system"
         if "content" in msg:
             msg["content"] = _text_of(msg["content"])
         if msg.get("tool_calls"):

@@ -20,11 +20,10 @@ class APIError(Exception):
     """An error with an HTTP status, sent to the client as vLLM's error body."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, value: Any = None):
-        if param is not None or value is not None:
-            # vLLM's VLLMValidationError appends "(parameter=..., value=...)" to the message.
+        if value is not None:
+            # vLLM's VLLMValidationError (the length checks) appends "(parameter=..., value=...)".
             extras = [f"parameter={param}"] if param is not None else []
-            extras += [f"value={value}"] if value is not None else []
-            message = f"{message} ({', '.join(extras)})"
+            message = f"{message} ({', '.join(extras + [f'value={value}'])})"
         super().__init__(message)
         self.message = message
         self.status = status

@@ -105,7 +105,7 @@ class ChatMessage(BaseModel):
     """One conversation turn; extra keys (name, tool_call_id, ...) reach the template."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
@@ -130,7 +130,7 @@ class _ChatFields(_Request):
 
 
 class ChatCompletionRequest(_ChatFields, _SamplingRequest):
-    max_tokens: int | None = Field(default=None, deprecated=True)
+    max_tokens: int | None = Field(default=None, description="deprecated: use max_completion_tokens")
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = 0

@@ -21,6 +21,7 @@ class _Prompt:
     text: str | None
     ids: list[int]
     params: SamplingParams
+    echo_only: bool = False  # echo with max_tokens=0 (scoring a prompt): one token is run, none is shown
 
 
 def logprob_value(lp: float) -> float:
@@ -109,12 +110,15 @@ class CompletionServing:
             ids = ctx.encode(p, req.add_special_tokens is not False) if isinstance(p, str) else list(p)
             ids = ctx.truncate(ids, req.truncate_prompt_tokens)
             ctx.check_ids(ids)
-            max_tokens = ctx.max_tokens(len(ids), req.max_tokens)
+            echo_only = bool(req.echo) and req.max_tokens == 0
+            max_tokens = 1 if echo_only else ctx.max_tokens(len(ids), req.max_tokens)
             prompt_lp = req.prompt_logprobs
             if req.echo and req.logprobs is not None:
                 prompt_lp = max(prompt_lp or 0, req.logprobs)  # echoed tokens carry logprobs too
+            if echo_only:
+                ctx.max_tokens(len(ids), 1)  # the prompt must still fit
             params = ctx.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
-            prompts.append(_Prompt(p if isinstance(p, str) else None, ids, params))
+            prompts.append(_Prompt(p if isinstance(p, str) else None, ids, params, echo_only))
         return prompts
 
     def _prompt_text(self, p: _Prompt) -> str:
@@ -122,7 +126,8 @@ class CompletionServing:
 
     async def generate(self, req: CompletionRequest, request_id: str) -> tuple[list[_Prompt], AsyncIterator]:
         prompts = self.prepare(req)
-        gens = [self.ctx.engine.generate(p.ids, p.params, f"{request_id}-{i}", prompt=p.text)
+        base = self.ctx.engine_id(request_id)
+        gens = [self.ctx.engine.generate(p.ids, p.params, f"{base}-{i}", prompt=p.text)
                 for i, p in enumerate(prompts)]
         return prompts, merge(gens)
 
@@ -143,13 +148,13 @@ class CompletionServing:
                 "choices": choices, "usage": _usage(n_prompt, completion_tokens), "system_fingerprint": None}
 
     def _choice(self, req, p: _Prompt, out: RequestOutput, o, index: int) -> dict:
-        ctx, as_id = self.ctx, bool(req.return_tokens_as_token_ids)
-        text = ctx.final_text(o.text, o, p.params)
+        ctx, as_id = self.ctx, self.ctx.as_ids(req)
+        text = "" if p.echo_only else o.text
         logprobs = None
         if req.echo:
             text = self._prompt_text(p) + text
         if req.logprobs is not None:
-            ids, entries = list(o.token_ids), list(o.logprobs or [])
+            ids, entries = ([], []) if p.echo_only else (list(o.token_ids), list(o.logprobs or []))
             if req.echo:
                 prompt_entries = out.prompt_logprobs or [None] * len(p.ids)
                 ids, entries = p.ids + ids, list(prompt_entries) + entries
@@ -186,20 +191,23 @@ class CompletionServing:
                 if index in finished:
                     continue
                 first = index not in sent_text
-                text = ctx.final_text(o.text, o, p.params) if o.finish_reason else o.text
+                text = o.text
+                if p.echo_only:
+                    text = ""
                 delta = text[sent_text.get(index, 0):]
-                new_ids = o.token_ids[sent_tokens.get(index, 0):]
+                new_ids = [] if p.echo_only else o.token_ids[sent_tokens.get(index, 0):]
                 if not delta and not new_ids and not o.finish_reason:
                     continue
                 prefix = self._prompt_text(p) if req.echo and first else ""
                 logprobs = None
                 if req.logprobs is not None:
-                    ids, entries = list(new_ids), list((o.logprobs or [])[sent_tokens.get(index, 0):])
+                    ids = list(new_ids)
+                    entries = [] if p.echo_only else list((o.logprobs or [])[sent_tokens.get(index, 0):])
                     if req.echo and first:
                         ids = p.ids + ids
                         entries = list(out.prompt_logprobs or [None] * len(p.ids)) + entries
                     logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, offsets.get(index, 0),
-                                                   bool(req.return_tokens_as_token_ids))
+                                                   self.ctx.as_ids(req))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
                 sent_text[index], sent_tokens[index] = len(text), len(o.token_ids)
                 completion_tokens[index] = len(o.token_ids)

@@ -6,6 +6,7 @@ vLLM's messages, builds SamplingParams, decodes logprob tokens, and serves
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import uuid
@@ -41,8 +42,10 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     trust_request_chat_template: bool = False
     log_requests: bool = False
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the default per request
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=itertools.count)
 
     # ---------------------------------------------------------------- names and ids
     def model_name(self, requested: str | None) -> str:
@@ -56,6 +59,10 @@ class ServingContext:
     @staticmethod
     def request_id(prefix: str, header: str | None, given: str | None) -> str:
         return f"{prefix}-{header or given or uuid.uuid4().hex}"
+
+    def engine_id(self, request_id: str) -> str:
+        """A unique engine id, even when clients reuse X-Request-Id / request_id."""
+        return f"{request_id}#{next(self._counter)}"
 
     # ---------------------------------------------------------------- prompts
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -92,8 +99,12 @@ class ServingContext:
                              f"maximum context length is {self.max_model_len} tokens and your request has "
                              f"{n_prompt} input tokens ({requested} > {self.max_model_len} - {n_prompt}).",
                              param="max_tokens", value=requested)
-        candidates = [left] + [v for v in (requested, self.default_max_tokens) if v is not None]
-        return min(candidates)
+        budget = min([left] + [v for v in (requested, self.default_max_tokens) if v is not None])
+        if n_prompt + budget > self.kv_capacity_tokens:  # only when the cache is smaller than max_model_len
+            raise BadRequest(f"The request needs {n_prompt + budget} tokens of KV cache but the whole cache holds "
+                             f"{self.kv_capacity_tokens}; it can never run. Shorten the prompt or max_tokens.",
+                             param="max_tokens")
+        return budget
 
     def render_chat(self, req) -> str:
         """The prompt text of a chat (or chat /tokenize) request."""
@@ -177,6 +188,11 @@ class ServingContext:
         return ids
 
     # ---------------------------------------------------------------- output text
+    def as_ids(self, req) -> bool:
+        """Whether logprob tokens are shown as "token_id:N"."""
+        v = req.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if v is None else bool(v)
+
     def token_text(self, tid: int, as_id: bool = False) -> str:
         """One token decoded on its own, as vLLM shows logprob tokens (cached)."""
         if as_id:
@@ -186,18 +202,6 @@ class ServingContext:
             text = self.tokenizer.decode([tid], skip_special_tokens=False)
             self._token_text[tid] = text
         return text
-
-    def final_text(self, text: str, output, params: SamplingParams) -> str:
-        """Drop the text of the EOS / stop token that ended a choice, as vLLM does.
-
-        The engine decodes that token too; it is only visible when special tokens are
-        not skipped (the parsers need them), and vLLM never shows it.
-        """
-        if (output.finish_reason != "stop" or isinstance(output.stop_reason, str) or not output.token_ids
-                or params.include_stop_str_in_output):
-            return text
-        piece = self.tokenizer.decode([output.token_ids[-1]], skip_special_tokens=params.skip_special_tokens)
-        return text[: len(text) - len(piece)] if piece and text.endswith(piece) else text
 
 
 # -------------------------------------------------------------------- /tokenize, /detokenize

@@ -81,6 +81,8 @@ def test_eos_stops_unless_ignored(llm):
     eos = 256  # <|endoftext|> of the tiny tokenizer
     out = _one(llm, temperature=0, max_tokens=5, logit_bias={eos: 100.0}).outputs[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason is None and out.text == ""
+    shown = _one(llm, temperature=0, max_tokens=5, logit_bias={eos: 100.0}, skip_special_tokens=False).outputs[0]
+    assert shown.token_ids == [eos] and shown.text == ""  # the ending token's text is never shown
     out = _one(llm, temperature=0, max_tokens=5, logit_bias={eos: 100.0}, ignore_eos=True).outputs[0]
     assert out.token_ids == [eos] * 5 and out.finish_reason == "length"
 

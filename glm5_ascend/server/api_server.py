@@ -1,0 +1,239 @@
+"""The FastAPI app: vLLM's routes, error bodies, API-key check, and the engine's lifespan."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glm5_ascend import __version__
+from glm5_ascend.engine.async_engine import EngineDeadError, EngineError
+from glm5_ascend.server import protocol as P
+from glm5_ascend.server.errors import APIError, BadRequest, api_error_response, error_response, sse_error
+from glm5_ascend.server.errors import validation_message
+from glm5_ascend.server.metrics import CONTENT_TYPE, Metrics
+from glm5_ascend.server.serving_chat import ChatServing
+from glm5_ascend.server.serving_completion import CompletionServing
+from glm5_ascend.server.serving_tokens import ServingContext, detokenize, tokenize
+
+logger = logging.getLogger(__name__)
+_ERRORS = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}}
+
+
+class _ApiKeyMiddleware:
+    """401 {"error": "Unauthorized"} on /v1/* without a valid ``Authorization: Bearer`` key (vLLM's rule)."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.tokens = [f"Bearer {k}".encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not any(hmac.compare_digest(given, t) for t in self.tokens):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _LoadMiddleware:
+    """Counts generation requests in flight for /load, from arrival until the response is fully sent."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, state: "_App"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        self.state.load += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.load -= 1
+
+
+def _as_api_error(e: BaseException) -> APIError:
+    """Map whatever a request raised to the status vLLM would answer."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(str(e), 503)
+    if isinstance(e, EngineError):
+        return APIError(str(e), 500)
+    if isinstance(e, ValueError):
+        return BadRequest(str(e))
+    if isinstance(e, NotImplementedError):
+        return APIError(str(e) or "Not implemented.", 501)
+    logger.error("request failed", exc_info=e)
+    return APIError(f"Internal server error: {type(e).__name__}", 500)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_on_disconnect(request: Request, coro):
+    """The JSON answer of a non-streaming handler; a client that hangs up cancels it (and aborts its request)."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, watch):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return JSONResponse(work.result())
+
+
+class _App:
+    """Route bodies, with the state they share."""
+
+    def __init__(self, ctx: ServingContext, metrics: Metrics):
+        self.ctx, self.metrics = ctx, metrics
+        self.completions, self.chat = CompletionServing(ctx), ChatServing(ctx)
+        self.load = 0  # generation requests in flight (/load)
+
+    async def generate(self, request: Request, req, serving, prefix: str):
+        """Shared body of /v1/completions and /v1/chat/completions."""
+        try:
+            if self.ctx.engine.errored:
+                raise EngineDeadError("The engine has died; restart the server.")
+            model = self.ctx.model_name(req.model)
+            rid = ServingContext.request_id(prefix, request.headers.get("x-request-id"), req.request_id)
+            if self.ctx.log_requests:
+                logger.info("Received request %s: %s", rid, req.model_dump_json(exclude_unset=True)[:2000])
+            if req.stream:
+                events = await serving.stream(req, rid, model)
+                return StreamingResponse(self._sse(events), media_type="text/event-stream")
+            return await _cancel_on_disconnect(request, serving.full(req, rid, model))
+        except Exception as e:  # noqa: BLE001 - every failure becomes vLLM's error body
+            return api_error_response(_as_api_error(e))
+
+    @staticmethod
+    async def _sse(events):
+        try:
+            async for event in events:
+                yield event
+        except Exception as e:  # noqa: BLE001 - after the 200 an error is one data: event
+            yield sse_error(_as_api_error(e))
+        yield "data: [DONE]\n\n"
+
+
+def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None = None,
+              docs: bool = True) -> FastAPI:
+    """The app; its lifespan starts and stops the AsyncEngine's step thread."""
+    state = _App(ctx, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        ctx.engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            ctx.engine.shutdown()
+
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="glm5-ascend", version=__version__, lifespan=lifespan,
+                  description="vLLM-compatible OpenAI API serving GLM-5.", **hidden)
+    app.state.app = state
+    _install_error_handlers(app)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
+                       allow_headers=["*"])
+    app.add_middleware(_LoadMiddleware, state=state)
+    if api_keys:
+        app.add_middleware(_ApiKeyMiddleware, keys=api_keys)
+    _add_routes(app, state)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = validation_message(list(exc.errors()))
+        return error_response(message, 400, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "The request body could not be parsed (invalid UTF-8 or JSON); send UTF-8 JSON."
+        return error_response(detail, exc.status_code)
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError):
+        return api_error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        return api_error_response(_as_api_error(exc))
+
+
+def _add_routes(app: FastAPI, s: _App) -> None:
+    ctx = s.ctx
+
+    @app.get("/health", response_class=Response)
+    async def health():
+        return Response(status_code=503 if ctx.engine.errored else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response)
+    async def ping():
+        return await health()
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/load")
+    async def load():
+        return {"server_load": s.load}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics():
+        return Response(s.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=P.ModelList)
+    async def models():
+        perm = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": ctx.created,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}
+        cards = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "vllm", "root": ctx.model_path,
+                  "parent": None, "max_model_len": ctx.max_model_len, "permission": [perm]}
+                 for name in ctx.served_names]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **_ERRORS})
+    async def completions(req: P.CompletionRequest, request: Request):
+        return await s.generate(request, req, s.completions, "cmpl")
+
+    @app.post("/v1/chat/completions", responses={200: {"model": P.ChatCompletionResponse}, **_ERRORS})
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        return await s.generate(request, req, s.chat, "chatcmpl")
+
+    @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS})
+    async def tokenize_route(req: P.TokenizeCompletionRequest | P.TokenizeChatRequest):
+        try:
+            return JSONResponse(tokenize(ctx, req))
+        except Exception as e:  # noqa: BLE001
+            return api_error_response(_as_api_error(e))
+
+    @app.post("/detokenize", responses={200: {"model": P.DetokenizeResponse}, **_ERRORS})
+    async def detokenize_route(req: P.DetokenizeRequest):
+        try:
+            return JSONResponse(detokenize(ctx, req))
+        except Exception as e:  # noqa: BLE001
+            return api_error_response(_as_api_error(e))
