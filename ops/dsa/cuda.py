@@ -1,9 +1,9 @@
 """DSA ops on CUDA GPUs: Triton kernels (ops/dsa/cuda_kernels.py) behind the reference signatures.
 
 Contracts are those of ops/dsa/reference.py, with one documented difference: lightning_indexer
-returns the same *set* of positions (ties broken arbitrarily), ascending within the tokens above the
-K-th score and within the ties at it, rather than sorted by score. No wrapper syncs with the host,
-so decode steps can be captured in CUDA graphs.
+returns the same *set* of positions (equal scores broken toward the lower position, as there) but
+not sorted by score: positions above the K-th score come first, then the ties at it, each group
+ascending. No wrapper syncs with the host, so decode steps can be captured in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import triton
 from . import cuda_kernels as k
 
 # Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
+# topk_reg: rows up to this many positions are selected in registers (0: always stream from L2).
 CONFIG = {
     "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
-    "topk_chunk": 4096, "topk_digit": 8, "topk_warps": 8,
+    "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
     "mla_block_n": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
+    "mla_preslot": 1,
 }
-# Rows of the float32 score scratch held at once (bounds prefill memory like the reference does).
+# Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
 
 
@@ -81,19 +83,20 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     block_size = index_cache.shape[1]
     L = block_tables.shape[1] * block_size  # the most positions any sequence can address
     rows = max(1, min(T, _MAX_SCORE_ELEMS // max(1, L)))
-    scores = torch.empty((rows, L), dtype=torch.float32, device=q.device)
+    keys = torch.empty((rows, L), dtype=torch.int32, device=q.device)  # uint32 bits: sortable scores
     cfg = CONFIG
     for t0 in range(0, T, rows):
         n = min(T, t0 + rows) - t0
         k.indexer_scores_kernel[(n, triton.cdiv(L, cfg["indexer_chunk"]))](
-            q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, scores, t0, B,
-            q.stride(0), q.stride(1), weights.stride(0), block_tables.stride(0), scores.stride(0),
+            q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, keys, t0, B,
+            q.stride(0), q.stride(1), weights.stride(0), block_tables.stride(0), keys.stride(0),
             float(softmax_scale), H=H, D=D, H_P=_p2(H), D_P=_p2(D), B_P=_p2(B, 2),
             BLOCK_SIZE=block_size, BLOCK_N=cfg["indexer_block_n"], CHUNK=cfg["indexer_chunk"],
             PREC=_prec(q.dtype), num_warps=cfg["indexer_warps"], num_stages=cfg["indexer_stages"])
         k.topk_select_kernel[(n,)](
-            scores, out, cu_seqlens_q, seq_lens, t0, B, topk, scores.stride(0), out.stride(0),
-            B_P=_p2(B, 2), CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"], num_warps=cfg["topk_warps"])
+            keys, out, cu_seqlens_q, seq_lens, t0, B, topk, keys.stride(0), out.stride(0),
+            B_P=_p2(B, 2), CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"],
+            REG=min(cfg["topk_reg"], _p2(L)) if cfg["topk_reg"] else 16, num_warps=cfg["topk_warps"])
     return out
 
 
@@ -141,6 +144,14 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
         part_l = torch.empty((splits, T, H), dtype=torch.float32, device=q_latent.device)
     else:
         part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
+    preslot = cfg["mla_preslot"]
+    if preslot:
+        assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
+        slots = torch.empty((T, K), dtype=torch.int32, device=q_latent.device)
+        k.mla_slots_kernel[(T, triton.cdiv(K, 1024))](
+            idx, block_tables, cu_seqlens_q, seq_lens, slots, B, K, idx.stride(0), block_tables.stride(0),
+            B_P=_p2(B, 2), BLOCK_SIZE=latent_cache.shape[1], BLOCK=1024, num_warps=4)
+        idx = slots
     k.sparse_mla_kernel[(T, hb, splits)](
         ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, part_o, part_l,
         B, H, K, split_len, ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1),
@@ -148,10 +159,11 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
         part_l.stride(0), part_l.stride(1), float(softmax_scale) * 1.4426950408889634,
         R=R, DR=DR, R_P=_p2(R), DR_P=_p2(DR), BLOCK_H=block_h, B_P=_p2(B, 2),
         BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=cfg["mla_block_n"], PREC=_prec(dt), SPLIT_OUT=splits > 1,
+        PRESLOT=preslot,
         num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
     if splits > 1:
-        k.mla_combine_kernel[(T, hb)](
-            part_o, part_l, out, lse, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        k.mla_combine_kernel[(T, H)](
+            part_o, part_l, out, lse, splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            R=R, R_P=_p2(R), BLOCK_H=block_h, SPLITS=splits, num_warps=4)
+            R=R, R_P=_p2(R), S_P=_p2(splits, 2), num_warps=4)
     return (out, lse) if return_lse else out

@@ -43,12 +43,20 @@ def mla_cache_write_kernel(slot_ptr, lat_ptr, rope_ptr, idx_ptr, lat_c, rope_c, 
 
 
 @triton.jit
+def _sortable(v):
+    """float32 -> uint32 whose unsigned order is the float order (-0.0 first made +0.0: they tie)."""
+    bits = tl.where(v == 0.0, 0.0, v).to(tl.uint32, bitcast=True)
+    flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return bits ^ flip
+
+
+@triton.jit
 def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr, score_ptr,
                           t_base, B, s_qt, s_qh, s_wt, s_bt, s_score, scale,
                           H: tl.constexpr, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
                           B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                           CHUNK: tl.constexpr, PREC: tl.constexpr):
-    """scores[t - t_base, j] = sum_h w[t,h] relu(scale q[t,h].k[j]) for j <= pos(t), -inf above.
+    """keys[t - t_base, j] = sortable(sum_h w[t,h] relu(scale q[t,h].k[j])) for j <= pos(t) (uint32).
 
     Grid (tokens, context chunks). Scores are K @ q^T so the MMA's M side is the BLOCK_N keys
     (one query token has only 32 heads, too few for Hopper's 64-row MMA)."""
@@ -72,31 +80,39 @@ def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr,
                         mask=inb[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, D_P]
             s = tl.dot(k, qt, input_precision=PREC)  # [BLOCK_N, H_P] fp32
             s = tl.maximum(s * scale, 0.0) * w[None, :]
-            tl.store(row + pos, tl.sum(s, axis=1), mask=inb)
+            tl.store(row + pos, _sortable(tl.sum(s, axis=1)).to(tl.int32, bitcast=True), mask=inb)
 
 
 @triton.jit
-def _sortable(v):
-    """float32 -> uint32 whose unsigned order is the float order."""
-    bits = v.to(tl.uint32, bitcast=True)
-    flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
-    return bits ^ flip
+def _count_ge(row, n, thr, CHUNK: tl.constexpr, STRICT: tl.constexpr = False):
+    """How many keys row[0:n] are >= thr (> thr if STRICT); keys and thr uint32."""
+    offs = tl.arange(0, CHUNK)
+    c = 0
+    for c0 in range(0, n, CHUNK):
+        o = c0 + offs
+        key = tl.load(row + o, mask=o < n, other=0).to(tl.uint32, bitcast=True)
+        hit = (key > thr) if STRICT else (key >= thr)
+        c += tl.sum((hit & (o < n)).to(tl.int32), axis=0)
+    return c
 
 
 @triton.jit
-def topk_select_kernel(score_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_score, s_out,
-                       B_P: tl.constexpr, CHUNK: tl.constexpr, DIGIT: tl.constexpr):
-    """Top-K positions of each scores row by radix select; one program per query token.
+def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_key, s_out,
+                       B_P: tl.constexpr, CHUNK: tl.constexpr, DIGIT: tl.constexpr, REG: tl.constexpr):
+    """Top-K positions of each row of sortable keys; one program per query token.
 
-    The K-th largest key is found DIGIT bits at a time from the top (a histogram pass each), then
-    one pass writes positions with a larger key and the first ties equal to it. Output positions are
-    ascending within each of those two groups, not sorted by score (no consumer needs score order,
-    and ascending positions make the attention's gather walk the cache forwards)."""
+    Finds the K-th largest key thr = the largest value with count(key >= thr) >= K. A row of at
+    most REG keys is held in registers and bisected bit by bit (no memory traffic per pass: the
+    decode case); longer rows stream from L2, DIGIT bits a pass from the top: with DIGIT <= 2 by counting keys above each of the 2^DIGIT - 1 candidates
+    (plain compares, cheap per element), otherwise by a histogram of the digit among keys that
+    match the prefix found so far. A last pass writes the positions above thr, then the
+    lowest-positioned ties at thr (the reference's tie-break). Positions come out ascending within
+    each of those two groups, not sorted by score (no consumer needs score order)."""
     t = t_base + tl.program_id(0)
     seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
     n = qpos + 1  # causal: exactly positions 0..qpos are candidates
     out = out_ptr + t.to(tl.int64) * s_out
-    row = score_ptr + (t - t_base).to(tl.int64) * s_score
+    row = key_ptr + (t - t_base).to(tl.int64) * s_key
     offs = tl.arange(0, CHUNK)
     if n <= K:  # every candidate is selected; pad with -1
         for k0 in range(0, K, CHUNK):
@@ -104,33 +120,64 @@ def topk_select_kernel(score_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s
             tl.store(out + o, tl.where(o < n, o, -1), mask=o < K)
     else:
         NB: tl.constexpr = 1 << DIGIT
-        bins = tl.arange(0, NB)
-        prefix = tl.zeros([NB], tl.uint32).max(axis=0)  # uint32 scalar 0: the digits found so far
-        krem = K
-        for p in tl.static_range(32 // DIGIT):
-            shift: tl.constexpr = 32 - DIGIT * (p + 1)
-            hist = tl.zeros([NB], tl.int32)
-            for c0 in range(0, n, CHUNK):
-                o = c0 + offs
-                inb = o < n
-                key = _sortable(tl.load(row + o, mask=inb, other=0.0))
-                match = inb
-                if p > 0:  # only keys whose higher digits equal the prefix found so far
-                    match = match & ((key >> (shift + DIGIT)) == (prefix >> (shift + DIGIT)))
-                dig = ((key >> shift) & (NB - 1)).to(tl.int32)
-                hist += tl.histogram(dig, NB, mask=match)
-            # suffix[d] = how many matching keys have this digit >= d; pick the largest d with suffix >= krem
-            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-            d = tl.sum((suffix >= krem).to(tl.int32), axis=0) - 1
-            krem -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
-            prefix = prefix | (d.to(tl.uint32) << shift)
-        n_gt = K - krem  # keys strictly above the threshold; krem ties fill the rest
+        prefix = tl.zeros([2], tl.uint32).max(axis=0)  # uint32 scalar 0: the digits found so far
+        n_gt = K * 0
+        if n <= REG:  # the row fits in registers: read it once and bisect on the key bits
+            o_all = tl.arange(0, REG)
+            row_keys = tl.load(row + o_all, mask=o_all < n, other=0).to(tl.uint32, bitcast=True)  # 0: never K-th
+            for b in tl.static_range(32):
+                cand = prefix | (1 << (31 - b))
+                if tl.sum((row_keys >= cand).to(tl.int32), axis=0) >= K:
+                    prefix = cand
+            n_gt = tl.sum((row_keys > prefix).to(tl.int32), axis=0)
+        elif DIGIT <= 2:
+            # Per-lane counters, reduced once a pass: a block-wide sum per chunk would cost more
+            # than the compares themselves.
+            for p in tl.static_range(32 // DIGIT):
+                shift = 32 - DIGIT * (p + 1)  # constexpr: p is unrolled
+                c1 = tl.zeros([CHUNK], tl.int32)
+                c2 = tl.zeros([CHUNK], tl.int32)
+                c3 = tl.zeros([CHUNK], tl.int32)
+                for c0 in range(0, n, CHUNK):
+                    o = c0 + offs
+                    inb = o < n
+                    key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
+                    c1 += (inb & (key >= (prefix | (1 << shift)))).to(tl.int32)
+                    if DIGIT == 2:
+                        c2 += (inb & (key >= (prefix | (2 << shift)))).to(tl.int32)
+                        c3 += (inb & (key >= (prefix | (3 << shift)))).to(tl.int32)
+                j = (tl.sum(c1, axis=0) >= K).to(tl.uint32)
+                if DIGIT == 2:
+                    j += (tl.sum(c2, axis=0) >= K).to(tl.uint32) + (tl.sum(c3, axis=0) >= K).to(tl.uint32)
+                prefix = prefix | (j << shift)
+        else:
+            bins = tl.arange(0, NB)
+            krem = K
+            for p in tl.static_range(32 // DIGIT):
+                shift = 32 - DIGIT * (p + 1)
+                hist = tl.zeros([NB], tl.int32)
+                for c0 in range(0, n, CHUNK):
+                    o = c0 + offs
+                    inb = o < n
+                    key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
+                    match = inb
+                    if p > 0:  # only keys whose higher digits equal the prefix found so far
+                        match = match & ((key >> (shift + DIGIT)) == (prefix >> (shift + DIGIT)))
+                    hist += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=match)
+                # suffix[d]: matching keys with this digit >= d; take the largest d with suffix >= krem
+                suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+                d = tl.sum((suffix >= krem).to(tl.int32), axis=0) - 1
+                krem -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
+                prefix = prefix | (d.to(tl.uint32) << shift)
+        if n > REG:
+            n_gt = _count_ge(row, n, prefix, CHUNK, True)
+        krem = K - n_gt  # ties at thr to take, lowest positions first
         cnt_gt = 0
         cnt_eq = 0
         for c0 in range(0, n, CHUNK):
             o = c0 + offs
             inb = o < n
-            key = _sortable(tl.load(row + o, mask=inb, other=0.0))
+            key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
             gt = inb & (key > prefix)
             eq = inb & (key == prefix)
             r_gt = cnt_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
@@ -142,12 +189,28 @@ def topk_select_kernel(score_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s
 
 
 @triton.jit
+def mla_slots_kernel(idx_ptr, bt_ptr, cu_ptr, seq_lens_ptr, slot_ptr, B, K, s_idx, s_bt,
+                     B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """slot[t, j] = cache slot of top-k position idx[t, j] (-1 stays -1), so the attention loop
+    gathers rows after one dependent load instead of three."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
+    idx = tl.load(idx_ptr + t * s_idx + offs, mask=offs < K, other=-1)
+    valid = idx >= 0
+    pos = tl.maximum(idx, 0)
+    blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+    tl.store(slot_ptr + t * K + offs, tl.where(valid, blk * BLOCK_SIZE + pos % BLOCK_SIZE, -1), mask=offs < K)
+
+
+@triton.jit
 def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_lens_ptr, idx_ptr,
                       o_ptr, lse_ptr, B, H, K, split_len, s_qlt, s_qlh, s_qrt, s_qrh, s_bt, s_idx,
                       s_os, s_ot, s_oh, s_ls, s_lt, scale_log2,
                       R: tl.constexpr, DR: tl.constexpr, R_P: tl.constexpr, DR_P: tl.constexpr,
                       BLOCK_H: tl.constexpr, B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_OUT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                      PRESLOT: tl.constexpr):
     """Absorbed sparse MLA for one (token, head block, split of the top-k list).
 
     Every head of a token reads the same gathered latent rows, so a program holds BLOCK_H heads as
@@ -175,9 +238,12 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
         offs_n = n0 + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_ptr + t * s_idx + offs_n, mask=offs_n < hi, other=-1)
         valid = idx >= 0
-        pos = tl.maximum(idx, 0)
-        blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+        if PRESLOT:  # idx_ptr holds cache slots already (mla_slots_kernel): one dependent load less
+            slot = tl.maximum(idx, 0).to(tl.int64)
+        else:
+            pos = tl.maximum(idx, 0)
+            blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
         kl = tl.load(lat_ptr + slot[:, None] * R + offs_r[None, :],
                      mask=valid[:, None] & (offs_r[None, :] < R), other=0.0)  # [BLOCK_N, R_P]
         kr = tl.load(rope_ptr + slot[:, None] * DR + offs_d[None, :],
@@ -205,27 +271,22 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
 
 
 @triton.jit
-def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, H, s_ps, s_pt, s_ph, s_pls, s_plt,
-                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, BLOCK_H: tl.constexpr,
-                       SPLITS: tl.constexpr):
-    """Merge the splits' normalised outputs by their lse weights."""
+def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS, s_ps, s_pt, s_ph, s_pls, s_plt,
+                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, S_P: tl.constexpr):
+    """Merge the splits' normalised outputs of one (token, head) by their lse weights."""
     t = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_P)
     offs_r = tl.arange(0, R_P)
-    hm = offs_h < H
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")))
+    sm = offs_s < SPLITS
+    lse = tl.load(plse_ptr + offs_s * s_pls + t * s_plt + h, mask=sm, other=float("-inf"))
+    m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R_P], tl.float32)
-    omask = hm[:, None] & (offs_r[None, :] < R)
-    for s in tl.static_range(SPLITS):
-        w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")) - m_safe)
-        po = tl.load(po_ptr + s * s_ps + t * s_pt + offs_h[:, None] * s_ph + offs_r[None, :], mask=omask, other=0.0)
-        acc += w[:, None] * po
-        den += w
+    w = tl.exp(lse - m_safe)  # [S_P]; empty splits weigh 0
+    po = tl.load(po_ptr + offs_s[:, None] * s_ps + t * s_pt + h * s_ph + offs_r[None, :],
+                 mask=sm[:, None] & (offs_r[None, :] < R), other=0.0)
+    den = tl.sum(w, axis=0)
     has = den > 0
-    out = acc / tl.where(has, den, 1.0)[:, None]
-    tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
-    tl.store(lse_ptr + t * s_lt + offs_h, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")), mask=hm)
+    out = tl.sum(w[:, None] * po, axis=0) / tl.where(has, den, 1.0)
+    tl.store(o_ptr + t * s_ot + h * s_oh + offs_r, out.to(o_ptr.dtype.element_ty), mask=offs_r < R)
+    tl.store(lse_ptr + t * s_lt + h, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")))

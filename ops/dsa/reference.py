@@ -8,7 +8,8 @@ Conventions shared by every DSA op (and by the npu / cuda backends):
     a sequence's block number to a physical block; a token's slot is block * block_size + offset.
   * Top-k indices are token *positions* within the sequence (int32), padded with -1. Equal index
     scores are broken toward the lower position (exact ties are common: a key whose ReLU terms are
-    all zero scores exactly 0), so results never depend on batch composition.
+    all zero scores exactly 0), so results never depend on batch composition. The order within a
+    row is unspecified (this reference sorts by score; the cuda backend does not).
 """
 from __future__ import annotations
 

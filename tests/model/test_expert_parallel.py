@@ -31,6 +31,7 @@ def _worker(rank, world, port, path, xs, results):
         ps = ParallelState(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD)
         out, n_local = _moe_out(path, ps, xs[rank])
         results[rank] = (out, n_local)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

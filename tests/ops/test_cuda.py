@@ -30,6 +30,9 @@ pytestmark = [
 ]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 big = pytest.mark.skipif(DEV.type != "cuda", reason="GLM-5-sized case: GPU only")
+# Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16), so bf16 cases need a GPU.
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEV.type != "cuda", reason="bf16 tl.dot: GPU only"))
+DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
 
 
 def dsa():
@@ -133,9 +136,19 @@ INDEXER_CASES = {
 }
 
 
+@pytest.fixture(params=["in_registers", "streaming"])
+def topk_path(request):
+    """Run the top-k select with rows held in registers (decode-length rows) or streamed from L2."""
+    cfg = dsa().CONFIG
+    old = cfg["topk_reg"]
+    cfg["topk_reg"] = old if request.param == "in_registers" else 0
+    yield request.param
+    cfg["topk_reg"] = old
+
+
 @pytest.mark.parametrize("case", sorted(INDEXER_CASES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_lightning_indexer_small(case, dtype):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lightning_indexer_small(case, dtype, topk_path):
     ctx, ql, H, D, topk, bs = INDEXER_CASES[case]
     args = _indexer_case(ctx, ql, H, D, topk, bs, dtype)
     got = dsa().lightning_indexer(*args, topk, D ** -0.5)
@@ -143,12 +156,26 @@ def test_lightning_indexer_small(case, dtype):
     _check_selection(got, *args, topk, D ** -0.5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lightning_indexer_ties_break_to_lower_position(dtype, topk_path):
+    """Zero keys score exactly 0 (all ReLU terms vanish): the K-th score is a tie shared by many keys,
+    and the reference's rule (lower position first) must pick exactly the same set."""
+    q, w, cache, tables, cu, seq_lens = _indexer_case([300, 200], [3, 1], 4, 32, 128, 16, dtype, seed=7)
+    w = w.abs()  # scores >= 0, so every zero key sits at the bottom as a tie
+    flat = cache.view(-1, cache.shape[-1])
+    flat[torch.randperm(flat.shape[0], device=DEV)[: flat.shape[0] // 2]] = 0
+    got = dsa().lightning_indexer(q, w, cache, tables, cu, seq_lens, 128, 32 ** -0.5)
+    want = dsa_ref.lightning_indexer(q, w, cache, tables, cu, seq_lens, 128, 32 ** -0.5)
+    for a, b in zip(got.cpu(), want.cpu()):
+        assert sorted(a.tolist()) == sorted(b.tolist())
+
+
 @big
 @pytest.mark.parametrize("ctx_lens,q_lens", [
     ([32768, 5000, 2048, 2047, 2049, 130], [1] * 6),      # decode, around topk and block edges
     ([4200, 3000], [1500, 300]),                           # prefill chunks, longer than topk
 ])
-def test_lightning_indexer_glm5_shape(ctx_lens, q_lens):
+def test_lightning_indexer_glm5_shape(ctx_lens, q_lens, topk_path):
     args = _indexer_case(ctx_lens, q_lens, 32, 128, 2048, 128, torch.bfloat16, seed=3)
     got = dsa().lightning_indexer(*args, 2048, 128 ** -0.5)
     _check_selection(got, *args, 2048, 128 ** -0.5)
@@ -200,7 +227,7 @@ def _check_mla(args, scale, dtype, splits=None):
 
 
 @pytest.mark.parametrize("case", sorted(MLA_CASES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [None, 1, 3])
 def test_sparse_mla_small(case, dtype, splits):
     ctx, ql, H, R, DR, K, bs, pad = MLA_CASES[case]
@@ -212,3 +239,85 @@ def test_sparse_mla_small(case, dtype, splits):
 def test_sparse_mla_glm5_shape(ctx_lens, q_lens):
     args = _mla_case(ctx_lens, q_lens, 64, 512, 64, 2048, 128, torch.bfloat16, seed=5)
     _check_mla(args, 256 ** -0.5, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------- MoE ops
+def _moe_case(T, E, topk, D, inter, dtype, empty_experts=(), seed=0):
+    torch.manual_seed(seed)
+    logits = torch.randn(T, E, device=DEV)
+    if empty_experts:
+        logits[:, list(empty_experts)] = -1e4  # these experts receive no tokens
+    ids = logits.topk(topk, dim=-1).indices.int()
+    x = torch.randn(T, D, device=DEV).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, D, device=DEV) * D ** -0.5).to(dtype)
+    w2 = (torch.randn(E, D, inter, device=DEV) * inter ** -0.5).to(dtype)
+    return x, ids, w13, w2
+
+
+@pytest.mark.parametrize("impl", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E,topk,D,inter,empty", [
+    (37, 8, 2, 64, 32, (3, 5)),       # tiny-model sized, two experts with no rows
+    (300, 16, 4, 96, 80, (0,)),      # dims not multiples of the tiles
+    (1, 4, 1, 64, 64, ()),
+])
+def test_grouped_mlp_small(impl, dtype, T, E, topk, D, inter, empty):
+    if impl == "grouped_mm" and (DEV.type != "cuda" or dtype != torch.bfloat16):
+        pytest.skip("torch._grouped_mm path: bf16 on a GPU only")
+    x, ids, w13, w2 = _moe_case(T, E, topk, D, inter, dtype, empty)
+    permuted, order, counts = moe_ref.moe_permute(x, ids, E)
+    assert all(int(counts[e]) == 0 for e in empty)
+    want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
+    cfg = moe().CONFIG
+    old = dict(cfg)
+    cfg.update(up_impl=impl, down_impl=impl)
+    try:
+        got = moe().grouped_mlp(permuted, counts, w13, w2)
+    finally:
+        cfg.update(old)
+    assert got.dtype == dtype and got.shape == permuted.shape
+    assert _rel(got, want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@big
+def test_grouped_mlp_glm5_shape():
+    """256 experts, top-8, hidden 6144, expert width 2048; 300 tokens leave many experts empty."""
+    x, ids, w13, w2 = _moe_case(300, 256, 8, 6144, 2048, torch.bfloat16, empty_experts=(7, 100))
+    permuted, order, counts = moe_ref.moe_permute(x, ids, 256)
+    want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
+    for impl in ("triton", "grouped_mm"):
+        cfg = moe().CONFIG
+        old = dict(cfg)
+        cfg.update(up_impl=impl, down_impl=impl)
+        try:
+            got = moe().grouped_mlp(permuted, counts, w13, w2)
+        finally:
+            cfg.update(old)
+        assert _rel(got, want) < 2e-2, impl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ep_drop", [False, True])
+def test_moe_unpermute(dtype, ep_drop):
+    T, E, topk, D = 50, 8, 3, 96
+    x, ids, _, _ = _moe_case(T, E, topk, D, 16, dtype)
+    if ep_drop:  # this EP rank owns experts 0..3; token 0 has none of its experts here
+        ids = torch.where(ids < 4, ids, -1)
+        ids[0] = -1
+    weights = torch.rand(T, topk, device=DEV)
+    permuted, order, counts = moe_ref.moe_permute(x, ids, E)
+    rows = permuted.float() * 1.5 - 0.25
+    want = moe_ref.moe_unpermute(rows, order, weights)
+    got = moe().moe_unpermute(rows.to(dtype), order, weights)
+    assert got.dtype == dtype
+    assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if ep_drop:
+        assert (got[0] == 0).all()
+
+
+def test_registry_picks_cuda_on_gpu():
+    from glm5_ascend import ops
+    if DEV.type != "cuda":
+        pytest.skip("registry default for cuda tensors")
+    for op in ("lightning_indexer", "sparse_mla_attention", "mla_cache_write", "grouped_mlp", "moe_unpermute"):
+        assert ops.resolve(op, "cuda")[0] == "cuda", op

@@ -1,0 +1,321 @@
+"""`glm5-ascend bench ops`: time each operator at GLM-5 shapes against the device's measured peaks.
+
+On a GPU it times the backend the registry picks (cuda, or GLM5_OPS_BACKEND) and the reference,
+with CUDA events around each call and the L2 cache flushed before every timed call, after warm-up;
+the median of --iters calls is reported. The ceilings are measured on the spot: HBM bandwidth by
+a 2 GiB device-to-device copy (bytes read + written), bf16 matmul rate by an 8192^3 torch.matmul
+on random data. An op's figure is the bytes it must move (each input read once, each output
+written once) or its FLOPs, over its median time. On the CPU it runs small shapes through the
+reference only, so the command can be exercised anywhere; those figures say nothing about any
+accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from glm5_ascend import ops
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    args: tuple
+    bytes: float = 0.0
+    flops: float = 0.0
+    flops_bound: bool = False
+    target: str | None = None  # "60%": of the measured peak this op must reach
+    check: Callable | None = field(default=None, repr=False)  # (out, reference out) -> str
+
+
+# ------------------------------------------------------------------------------------------- cases
+def _paged(B, ctx, block, dims, dtype, dev):
+    """Caches of B sequences of ctx tokens in shuffled blocks; block tables, cu_seqlens_q (decode), seq_lens."""
+    per = -(-ctx // block)
+    tables = torch.randperm(B * per, device=dev).to(torch.int32).view(B, per)
+    caches = [torch.randn(B * per, block, d, device=dev, dtype=dtype) for d in dims]
+    cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+    return caches, tables, cu, torch.full((B,), ctx, dtype=torch.int32, device=dev)
+
+
+def _rel_err(out, ref) -> str:
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    return f"rel err {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}"
+
+
+def _set_overlap(out, ref) -> str:
+    hits = total = 0
+    for a, b in zip(out.cpu(), ref.cpu()):
+        a, b = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
+        hits, total = hits + len(a & b), total + len(b)
+    return f"same set: {100 * hits / max(1, total):.2f}%"
+
+
+def case_indexer(dev, small):
+    B, ctx, H, D, k = (2, 700, 4, 32, 64) if small else (64, 32768, 32, 128, 2048)
+    (cache,), tables, cu, lens = _paged(B, ctx, 128, [D], torch.bfloat16, dev)
+    q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(B, H, device=dev) * H ** -0.5
+    nbytes = B * ctx * D * 2 + q.numel() * 2 + w.numel() * 4 + B * k * 4
+    return Case("lightning_indexer", f"decode B={B} ctx={ctx} {H}x{D} top-{k}",
+                (q, w, cache, tables, cu, lens, k, D ** -0.5), bytes=nbytes, flops=2 * B * ctx * H * D,
+                target="60%", check=_set_overlap)
+
+
+def _mla_inputs(dev, B, ctx, H, R, DR, K, q_per_seq=1):
+    (lat, rope), tables, _, lens = _paged(B, ctx, 128, [R, DR], torch.bfloat16, dev)
+    T = B * q_per_seq
+    cu = torch.arange(0, T + 1, q_per_seq, dtype=torch.int32, device=dev)
+    pos = (ctx - q_per_seq + torch.arange(q_per_seq, device=dev)).repeat(B)
+    causal = torch.arange(ctx, device=dev)[None, :] <= pos[:, None]
+    idx = torch.rand(T, ctx, device=dev).masked_fill_(~causal, -1).topk(K, dim=-1)
+    idx = torch.where(idx.values >= 0, idx.indices, -1).to(torch.int32)
+    ql = torch.randn(T, H, R, device=dev, dtype=torch.bfloat16)
+    qr = torch.randn(T, H, DR, device=dev, dtype=torch.bfloat16)
+    return (ql, qr, lat, rope, tables, cu, lens, idx, (R + DR) ** -0.5), T
+
+
+def case_mla_decode(dev, small):
+    B, ctx, H, R, DR, K = (2, 700, 8, 64, 16, 64) if small else (64, 32768, 64, 512, 64, 2048)
+    args, T = _mla_inputs(dev, B, ctx, H, R, DR, K)
+    nbytes = T * K * (R + DR) * 2 + T * H * (2 * R + DR) * 2 + T * K * 4
+    return Case("sparse_mla_attention", f"decode B={B} ctx={ctx} H={H} {R}+{DR} top-{K}", args,
+                bytes=nbytes, flops=2 * T * H * K * (2 * R + DR), target="60%", check=_rel_err)
+
+
+def case_mla_prefill(dev, small):
+    ctx, T, H, R, DR, K = (300, 64, 8, 64, 16, 64) if small else (8192, 2048, 64, 512, 64, 2048)
+    args, T = _mla_inputs(dev, 1, ctx, H, R, DR, K, q_per_seq=T)
+    return Case("sparse_mla_attention", f"prefill T={T} ctx={ctx} H={H} {R}+{DR} top-{K}", args,
+                flops=2 * T * H * K * (2 * R + DR), flops_bound=True, check=_rel_err)
+
+
+def case_cache_write(dev, small):
+    T, R, DR, DI = (64, 64, 16, 32) if small else (4096, 512, 64, 128)
+    caches, _, _, _ = _paged(1, 2 * T, 128, [R, DR, DI], torch.bfloat16, dev)
+    slots = torch.randperm(2 * T, device=dev)[:T]
+    new = [torch.randn(T, d, device=dev, dtype=torch.bfloat16) for d in (R, DR, DI)]
+    return Case("mla_cache_write", f"T={T} {R}+{DR}+{DI}", (new[0], new[1], new[2], slots, *caches),
+                bytes=2 * T * (R + DR + DI) * 2 + T * 8)
+
+
+def _routing(dev, T, E, k):
+    return torch.randn(T, E, device=dev).topk(k, dim=-1).indices.to(torch.int32)
+
+
+def case_grouped_mlp(dev, small):
+    T, E, k, D, I = (64, 8, 2, 128, 64) if small else (4096, 256, 8, 6144, 2048)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    from glm5_ascend.ops.moe.reference import moe_permute
+    permuted, _, counts = moe_permute(x, _routing(dev, T, E, k), E)
+    w13 = torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) * D ** -0.5
+    w2 = torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    N = permuted.shape[0]
+    return Case("grouped_mlp", f"{T} tok x {E} experts top-{k}, {D}->{I}", (permuted, counts, w13, w2),
+                bytes=(w13.numel() + w2.numel() + 2 * N * D) * 2, flops=2 * N * 3 * D * I,
+                flops_bound=True, target="65%", check=_rel_err)
+
+
+def case_route(dev, small):
+    T, E, k = (64, 16, 4) if small else (4096, 256, 8)
+    logits = torch.randn(T, E, device=dev)
+    return Case("moe_route", f"T={T} E={E} top-{k}", (logits, torch.randn(E, device=dev) * 0.1, k, 1, 1, 2.5, True),
+                bytes=T * E * 4 + E * 4 + T * k * 8)
+
+
+def case_permute(dev, small):
+    T, E, k, D = (64, 8, 2, 128) if small else (4096, 256, 8, 6144)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    return Case("moe_permute", f"T={T} top-{k} D={D}", (x, _routing(dev, T, E, k), E),
+                bytes=T * D * 2 + T * k * D * 2 + T * k * 12)
+
+
+def case_unpermute(dev, small):
+    T, E, k, D = (64, 8, 2, 128) if small else (4096, 256, 8, 6144)
+    ids = _routing(dev, T, E, k)
+    order = torch.argsort(ids.view(-1).long(), stable=True)
+    rows = torch.randn(T * k, D, device=dev, dtype=torch.bfloat16)
+    return Case("moe_unpermute", f"T={T} top-{k} D={D}", (rows, order, torch.rand(T, k, device=dev)),
+                bytes=T * k * D * 2 + T * D * 2 + T * k * 12, check=_rel_err)
+
+
+CASES = {
+    "lightning_indexer": case_indexer, "sparse_mla_decode": case_mla_decode,
+    "sparse_mla_prefill": case_mla_prefill, "mla_cache_write": case_cache_write,
+    "grouped_mlp": case_grouped_mlp, "moe_route": case_route, "moe_permute": case_permute,
+    "moe_unpermute": case_unpermute,
+}
+
+
+# ------------------------------------------------------------------------------------------ timing
+class Timer:
+    """Median seconds of fn(); on CUDA with events, the L2 flushed before each call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+            self.flush = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device=device)
+
+    def __call__(self, fn, iters: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            self.flush.zero_()  # evict the last call's data: every call starts from HBM
+            torch.cuda._sleep(1_000_000)  # ~0.5 ms: the GPU stays busy while Python launches, so launch gaps are not timed
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+def measure_peaks(device: torch.device, timer: Timer) -> tuple[float, float]:
+    """(bytes/s of a 2 GiB device copy, read + write; FLOP/s of an 8192^3 bf16 matmul on random data)."""
+    bufs = [torch.randn(1 << 29, device=device)]
+    bufs.append(torch.empty_like(bufs[0]))
+    bw = 2 * bufs[0].numel() * 4 / timer(lambda: bufs[1].copy_(bufs[0]), 20)
+    bufs.clear()  # free the 4 GiB before the matmul
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return bw, 2 * n ** 3 / timer(lambda: torch.matmul(a, b), 20)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def _apply_overrides(items: list[str]) -> None:
+    """--set dsa.mla_block_n=32: change a cuda backend launch setting for this run."""
+    for item in items:
+        try:
+            key, value = item.split("=", 1)
+            family, name = key.split(".", 1)
+            cfg = importlib.import_module(f"glm5_ascend.ops.{family}.cuda").CONFIG
+        except (ValueError, ImportError):
+            raise ValueError(f"--set {item!r}: expected FAMILY.KEY=VALUE, FAMILY dsa or moe, on a CUDA host") from None
+        if name not in cfg:
+            raise ValueError(f"--set {item!r}: no setting {name!r}; {family} has {', '.join(cfg)}")
+        old = cfg[name]
+        cfg[name] = (value if isinstance(old, str) else None if value == "None"
+                     else float(value) if isinstance(old, float) else int(value))
+
+
+def run_case(name: str, device: torch.device, timer: Timer, iters: int, peaks: tuple[float, float]) -> dict:
+    small = device.type != "cuda"
+    case = CASES[name](device, small)
+    backend, fn = ops.resolve(case.op, device.type)
+    ref_fn = getattr(importlib.import_module(f"glm5_ascend.ops.{ops._FAMILY[case.op]}.reference"), case.op)
+    if fn is ref_fn or getattr(fn, "__module__", "").endswith(".reference"):
+        backend = f"{backend} (= reference)" if backend != "reference" else backend
+    row = {"op": name, "shape": case.shape, "backend": backend if not small else "reference", "target": case.target}
+    row["ref_time"] = timer(lambda: ref_fn(*case.args), max(3, iters // 10), warmup=1)
+    t = row["ref_time"]
+    if not small and not backend.startswith("reference") and "(= reference)" not in backend:
+        t = row["time"] = timer(lambda: fn(*case.args), iters)
+        if case.check:
+            row["check"] = case.check(fn(*case.args), ref_fn(*case.args))
+    bw, flops = peaks
+    if case.flops_bound:
+        row["achieved"], row["pct"] = f"{case.flops / t / 1e12:.3g} TFLOP/s", case.flops / t / flops
+    else:
+        row["achieved"], row["pct"] = f"{case.bytes / t / 1e9:.3g} GB/s", case.bytes / t / bw
+    if case.flops and case.bytes and not small:  # the floor set by both ceilings
+        row["floor"] = max(case.bytes / bw, case.flops / flops)
+    return row
+
+
+def table(rows: list[dict], gpu: bool) -> str:
+    out = ["| op | shape | backend | time | achieved | % of measured peak | target | roofline floor "
+           "| reference | speedup | check vs reference |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t = r.get("time", r["ref_time"])
+        pct = f"{100 * r['pct']:.0f}%" if gpu else "n/a (cpu)"
+        target = r["target"] or ""
+        if target and gpu:
+            miss = float(target.rstrip("%")) - 100 * r["pct"]
+            target += " met" if miss <= 0 else f" MISSED by {miss:.0f} pts"
+        floor = _fmt_time(r["floor"]) if "floor" in r else ""
+        speed = f"{r['ref_time'] / t:.1f}x" if "time" in r else "1.0x"
+        out.append(f"| {r['op']} | {r['shape']} | {r['backend']} | {_fmt_time(t)} | {r['achieved']} | {pct} | "
+                   f"{target} | {floor} | {_fmt_time(r['ref_time'])} | {speed} | {r.get('check', '')} |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------- cli
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", default="all", help=f"comma-separated subset of: {', '.join(CASES)} (default: all)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--iters", type=int, default=50, help="timed calls per op; the median is reported")
+    parser.add_argument("--output", default=None, metavar="FILE", help="append the table and this command to FILE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FAMILY.KEY=VALUE",
+                        help="override a cuda launch setting, e.g. dsa.mla_block_n=32 (repeatable)")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cuda", "cpu"):
+        raise ValueError(f"--device {name}: bench ops runs on cuda, cuda:N or cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def main(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    names = list(CASES) if args.ops == "all" else [s.strip() for s in args.ops.split(",") if s.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.iters < 1:
+        raise ValueError("--iters must be at least 1")
+    _apply_overrides(args.overrides)
+    torch.manual_seed(0)
+    gpu = device.type == "cuda"
+    timer = Timer(device)
+    if gpu:
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        peaks = measure_peaks(device, timer)
+        header = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}. Measured ceilings: "
+                  f"HBM copy {peaks[0] / 1e12:.2f} TB/s, bf16 matmul 8192^3 {peaks[1] / 1e12:.0f} TFLOP/s. "
+                  f"Median of {args.iters} calls (reference: {max(3, args.iters // 10)}), L2 flushed before each.")
+    else:
+        peaks = (float("nan"), float("nan"))
+        header = "CPU, reference backend only, small shapes (not GLM-5's): these figures say nothing about an accelerator."
+    print(header, flush=True)
+    rows = []
+    for name in names:
+        rows.append(run_case(name, device, timer, args.iters, peaks))
+        print(f"  {name}: {_fmt_time(rows[-1].get('time', rows[-1]['ref_time']))}", file=sys.stderr, flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    text = table(rows, gpu)
+    print(text)
+    if args.output:
+        cmd = " ".join(["glm5-ascend", "bench", "ops"] + [a for a in sys.argv[1:] if a not in ("bench", "ops")])
+        with open(args.output, "a") as f:
+            f.write(f"\nCommand: `{cmd}`\n\n{header}\n\n{text}\n")
+    return 0

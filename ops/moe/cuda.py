@@ -1,0 +1,134 @@
+"""MoE ops on CUDA GPUs: grouped expert GEMMs with SwiGLU fused, and a deterministic unpermute.
+
+moe_route, moe_permute and the EP collectives are the reference's: each is already a handful of
+device kernels (`glm5-ascend bench ops` times them). They are re-exported so that
+GLM5_OPS_BACKEND=cuda covers every op the model calls.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import cuda_kernels as k
+from .ep import ep_combine, ep_dispatch  # re-exported: see the module docstring
+from .reference import moe_permute, moe_route
+
+__all__ = ["grouped_mlp", "moe_unpermute", "moe_route", "moe_permute", "ep_dispatch", "ep_combine"]
+
+# Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
+# "up" is the gate/up GEMM with SwiGLU fused, "down" the down projection. impl "triton" runs
+# grouped_gemm_kernel; "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate
+# Triton pass over the [N, 2I] product).
+CONFIG = {
+    "up_impl": "triton", "down_impl": "triton",
+    "bm": 128, "up_bn": 128, "up_bk": 64, "up_warps": 8, "up_stages": 4,
+    "down_bn": 256, "down_bk": 64, "down_warps": 8, "down_stages": 3, "group": 4, "order": "expert",
+}
+
+
+def _tiles(counts: torch.Tensor, n_rows: int, bm: int, group: int) -> tuple[torch.Tensor, int]:
+    """[3, P] int32 (expert or -1, first row, end row) per M tile, P a static bound (no host sync)."""
+    E = counts.shape[0]
+    counts = counts.to(torch.int64)
+    per = (counts + bm - 1) // bm
+    cum = per.cumsum(0)
+    P = triton.cdiv(triton.cdiv(n_rows, bm) + E, group) * group
+    mt = torch.arange(P, device=counts.device)
+    e = torch.searchsorted(cum, mt, right=True)
+    ec = e.clamp(max=E - 1)
+    starts = counts.cumsum(0) - counts
+    r0 = starts[ec] + (mt - (cum[ec] - per[ec])) * bm
+    r1 = starts[ec] + counts[ec]
+    return torch.stack([torch.where(e < E, ec, -1), r0, r1]).to(torch.int32), P
+
+
+def _order(counts: torch.Tensor, P: int, num_n: int, bm: int) -> torch.Tensor:
+    """[2, P * num_n] int32 (M tile or -1, N tile): expert by expert, then N tile, M tile fastest."""
+    counts = counts.to(torch.int64)
+    per = (counts + bm - 1) // bm
+    tstart = per.cumsum(0) - per
+    pcum = (per * num_n).cumsum(0)
+    pid = torch.arange(P * num_n, device=counts.device)
+    e = torch.searchsorted(pcum, pid, right=True)
+    ec = e.clamp(max=counts.shape[0] - 1)
+    local = pid - (pcum[ec] - per[ec] * num_n)
+    n_m = per[ec].clamp(min=1)
+    mt = torch.where(e < counts.shape[0], tstart[ec] + local % n_m, -1)
+    return torch.stack([mt, local // n_m]).to(torch.int32)
+
+
+def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, stages):
+    cfg = CONFIG
+    if x.element_size() > 2:  # float32 tiles: half the K step and fewer stages fit shared memory
+        bk, stages = bk // 2, min(stages, 3)
+    k_dim = x.shape[1]
+    num_n = triton.cdiv(n_out, bn)
+    by_expert = cfg["order"] == "expert"
+    order = _order(counts, P, num_n, cfg["bm"]) if by_expert else tiles
+    k.grouped_gemm_kernel[(P * num_n,)](
+        x, w, out, tiles, P, x.shape[0], n_out, k_dim, up_off, x.stride(0), w.stride(0), w.stride(1),
+        out.stride(0), order, P * num_n, NUM_N=num_n, BM=cfg["bm"], BN=bn, BK=bk, GROUP=cfg["group"],
+        SWIGLU=swiglu, EVEN_K=k_dim % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        BY_EXPERT=by_expert, num_warps=warps, num_stages=stages)
+
+
+def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert.
+
+    Args:
+        x: [N, D] rows sorted by expert; counts: [E] rows per expert (sum N).
+        w13: [E, 2I, D] gate rows then up rows; w2: [E, D, I].
+    Returns:
+        [N, D] in x's dtype.
+    """
+    N, D = x.shape
+    E, I2, _ = w13.shape
+    inter = I2 // 2
+    out = torch.empty((N, D), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    cfg = CONFIG
+    x = x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    use_mm = x.dtype == torch.bfloat16 and D % 8 == 0 and inter % 8 == 0  # _grouped_mm: bf16, 16-byte rows
+    tiles = P = offs = None
+    if not (use_mm and cfg["up_impl"] == "grouped_mm" and cfg["down_impl"] == "grouped_mm"):
+        tiles, P = _tiles(counts, N, cfg["bm"], cfg["group"])
+    if use_mm and "grouped_mm" in (cfg["up_impl"], cfg["down_impl"]):
+        offs = counts.cumsum(0).to(torch.int32)
+    h = torch.empty((N, inter), dtype=x.dtype, device=x.device)
+    if use_mm and cfg["up_impl"] == "grouped_mm":
+        gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        block = min(1024, triton.next_power_of_2(inter))
+        k.swiglu_kernel[(N, triton.cdiv(inter, block))](gu, h, inter, gu.stride(0), h.stride(0), BLOCK=block)
+    else:
+        _gemm(x, w13, h, tiles, P, counts, inter, inter, True, cfg["up_bn"], cfg["up_bk"], cfg["up_warps"], cfg["up_stages"])
+    if use_mm and cfg["down_impl"] == "grouped_mm":
+        out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    else:
+        _gemm(h, w2, out, tiles, P, counts, D, 0, False, cfg["down_bn"], cfg["down_bk"], cfg["down_warps"], cfg["down_stages"])
+    return out
+
+
+def moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's expert rows back into token order, float32 accumulation.
+
+    Args:
+        expert_out: [N, D] rows in moe_permute's order; order: int64 [N] flat (token * k + j) index
+            of each row; weights: [T, k].
+    Returns:
+        [T, D] in expert_out's dtype. A gather per token (no atomics), so the result is deterministic.
+    """
+    T, topk = weights.shape
+    N, D = expert_out.shape
+    out = torch.empty((T, D), dtype=expert_out.dtype, device=expert_out.device)
+    if T == 0:
+        return out
+    inv = torch.full((T * topk,), -1, dtype=torch.int32, device=expert_out.device)
+    inv.scatter_(0, order, torch.arange(N, dtype=torch.int32, device=expert_out.device))
+    expert_out = expert_out if expert_out.stride(-1) == 1 else expert_out.contiguous()
+    w = weights.contiguous()
+    block = min(2048, triton.next_power_of_2(D))
+    k.unpermute_kernel[(T, triton.cdiv(D, block))](expert_out, inv, w, out, D, expert_out.stride(0),
+                                                   out.stride(0), TOPK=topk, BLOCK_D=block, num_warps=4)
+    return out

@@ -1,0 +1,91 @@
+"""Triton kernels of the MoE ops: grouped GEMM (optionally with SwiGLU fused), SwiGLU, unpermute."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out, k_dim, up_off,
+                        s_x, s_we, s_wn, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr,
+                        EVEN_K: tl.constexpr, PREC: tl.constexpr, BY_EXPERT: tl.constexpr):
+    """out[rows of expert e] = x[rows] @ w[e]^T (w[e]: [n_out (+ up_off), k_dim], k contiguous).
+
+    tiles_ptr holds [3, n_tiles_pad] int32: expert (-1 = unused), first row, end row of each M tile,
+    tiles sorted by expert. With SWIGLU the program also multiplies rows up_off.. of w[e] and writes
+    silu(gate) * up, so the [N, 2I] gate/up product never reaches memory. Program order: with
+    BY_EXPERT from order_ptr (expert by expert, N tile, then M tile fastest), else GROUP M tiles at
+    a time, M fastest; either way the M tiles of one expert run side by side and share each weight
+    tile through L2 (weights, not activations, dominate the bytes at GLM-5's ~128 rows/expert)."""
+    pid = tl.program_id(0)
+    if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
+        mt = tl.load(order_ptr + pid)
+        nt = tl.load(order_ptr + n_progs + pid)
+    else:
+        per_group = GROUP * NUM_N
+        mt = (pid // per_group) * GROUP + pid % GROUP
+        nt = (pid % per_group) // GROUP
+    e = tl.load(tiles_ptr + tl.maximum(mt, 0))
+    if (e >= 0) & (mt >= 0):
+        r0 = tl.load(tiles_ptr + n_tiles_pad + mt)
+        r1 = tl.load(tiles_ptr + 2 * n_tiles_pad + mt)
+        rows = r0 + tl.arange(0, BM)
+        cols = nt * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        # Clamp instead of masking so the main-loop loads stay unmasked; extra rows/cols are not stored.
+        rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+        cols_c = tl.minimum(cols, n_out - 1).to(tl.int64)
+        a_ptrs = x_ptr + rows_c[:, None] * s_x + offs_k[None, :]
+        g_ptrs = w_ptr + e.to(tl.int64) * s_we + cols_c[:, None] * s_wn + offs_k[None, :]
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, k_dim, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                bg = tl.load(g_ptrs)
+            else:
+                km = (k0 + offs_k) < k_dim
+                a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+                bg = tl.load(g_ptrs, mask=km[None, :], other=0.0)
+            acc_g = tl.dot(a, tl.trans(bg), acc_g, input_precision=PREC)
+            if SWIGLU:
+                if EVEN_K:
+                    bu = tl.load(g_ptrs + up_off * s_wn)
+                else:
+                    bu = tl.load(g_ptrs + up_off * s_wn, mask=km[None, :], other=0.0)
+                acc_u = tl.dot(a, tl.trans(bu), acc_u, input_precision=PREC)
+            a_ptrs += BK
+            g_ptrs += BK
+        if SWIGLU:
+            acc_g = acc_g * tl.sigmoid(acc_g) * acc_u
+        omask = (rows < r1)[:, None] & (cols < n_out)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_o + cols[None, :],
+                 acc_g.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def swiglu_kernel(gu_ptr, out_ptr, inter, s_gu, s_o, BLOCK: tl.constexpr):
+    """out[r] = silu(gu[r, :inter]) * gu[r, inter:], computed in float32."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < inter
+    g = tl.load(gu_ptr + r * s_gu + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r * s_gu + inter + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * s_o + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def unpermute_kernel(eo_ptr, inv_ptr, w_ptr, out_ptr, d, s_eo, s_o,
+                     TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = sum_j w[t, j] * expert_out[inv[t*TOPK + j]] (inv -1: a dropped copy), float32 sum."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < d
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for j in tl.static_range(TOPK):
+        src = tl.load(inv_ptr + t * TOPK + j)
+        if src >= 0:
+            wj = tl.load(w_ptr + t * TOPK + j).to(tl.float32)
+            acc += wj * tl.load(eo_ptr + src.to(tl.int64) * s_eo + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * s_o + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
