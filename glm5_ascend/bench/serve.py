@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glm5_ascend.bench.breakdown import format_breakdown, parse_server_times
 from glm5_ascend.bench.datasets import (LocalTokenizer, RemoteTokenizer, SampleRequest, Tokenizer,
                                         random_requests, sharegpt_requests)
 from glm5_ascend.bench.metrics import (METRICS, RequestOutput, compute_metrics, format_report,
@@ -315,8 +316,9 @@ def _progress(total: int, disable: bool):
 
 
 async def run_benchmark(args, url: str, model: str, headers: dict,
-                        requests: list[SampleRequest]) -> tuple[list[RequestOutput], float]:
-    """Check one request, then send all; return (outputs in dataset order, wall duration in s)."""
+                        requests: list[SampleRequest]) -> tuple[list[RequestOutput], float, tuple]:
+    """Check one request, then send all; return (outputs in dataset order, wall duration in s,
+    the server's time counters before and after)."""
     import aiohttp
     pool = args.max_concurrency or len(requests)
     connector = aiohttp.TCPConnector(limit=pool, limit_per_host=pool, keepalive_timeout=60)
@@ -330,6 +332,7 @@ async def run_benchmark(args, url: str, model: str, headers: dict,
         test = await send(requests[0])
         if not test.success:
             raise RuntimeError(f"the test request to {url} failed: {test.error}")
+        before = await _server_times(session, url, headers)
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = _progress(len(requests), args.disable_tqdm)
 
@@ -348,7 +351,18 @@ async def run_benchmark(args, url: str, model: str, headers: dict,
         outputs = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
         bar.close()
-    return outputs, duration
+        after = await _server_times(session, url, headers)
+    return outputs, duration, (before, after)
+
+
+async def _server_times(session, url: str, headers: dict) -> dict[str, float]:
+    """The server's own time counters (glm5-ascend only); {} when it has none or /metrics fails."""
+    metrics_url = url.split("/v1/")[0] + "/metrics"
+    try:
+        async with session.get(metrics_url, headers=headers) as resp:
+            return parse_server_times(await resp.text()) if resp.status == 200 else {}
+    except Exception:  # noqa: BLE001 - the breakdown is optional; the benchmark itself must not fail
+        return {}
 
 
 def _result_path(args, model: str) -> Path:
@@ -392,7 +406,7 @@ def main(args) -> int:
     url = _api_url(args)
     print(f"Benchmarking {url} ({request_model}): {len(requests)} prompts, request rate {args.request_rate:g}, "
           f"burstiness {args.burstiness:g}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
-    outputs, duration = asyncio.run(run_benchmark(args, url, request_model, headers, requests))
+    outputs, duration, (before, after) = asyncio.run(run_benchmark(args, url, request_model, headers, requests))
     for out in outputs:
         if out.success and out.output_tokens < 0:  # the server sent no usage: count the text ourselves
             out.output_tokens = len(tok.encode(out.generated_text))
@@ -401,6 +415,10 @@ def main(args) -> int:
     if errors:
         print(f"{len(errors)} of {len(outputs)} requests failed; first error: {errors[0]}")
     print(format_report(metrics, selected, percentiles, args.max_concurrency, args.request_rate))
+    breakdown = format_breakdown(before, after, duration, len(outputs))
+    if breakdown:
+        print(breakdown)
+        metrics["server_time_breakdown"] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     if args.save_result:
         print(f"Saved result to {save_result(args, model, tok.name, metrics, outputs)}")
     return 0 if metrics["completed"] else 1

@@ -76,6 +76,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.finished_reasons: dict[str, int] = {}
+        # Wall time of each part of step(), for `bench serve`'s breakdown of where a request's time goes.
+        self.step_seconds = {"schedule": 0.0, "model": 0.0, "detokenize": 0.0, "postprocess": 0.0}
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", bm.num_blocks, bm.block_size,
                     bm.num_blocks * self.runner.bytes_per_block() / (1 << 30))
 
@@ -130,10 +132,22 @@ class LLMEngine:
 
     # ---- stepping ----
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.step_seconds["schedule"] += t1 - t0
         if not batch:
             return []
         result = self.runner.execute(batch)
+        t2 = time.perf_counter()
+        self.step_seconds["model"] += t2 - t1
+        detok_before = self.step_seconds["detokenize"]
+        outputs = self._postprocess(batch, result)
+        self.step_seconds["postprocess"] += (time.perf_counter() - t2
+                                             - (self.step_seconds["detokenize"] - detok_before))
+        return outputs
+
+    def _postprocess(self, batch, result: StepResult) -> list[RequestOutput]:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
@@ -172,7 +186,9 @@ class LLMEngine:
         ends_here = seq.num_output_tokens >= p.min_tokens and (
             (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids)
         if p.detokenize and not (ends_here and not p.include_stop_str_in_output):
+            t0 = time.perf_counter()
             new_text = seq.detok.step(seq.token_ids)
+            self.step_seconds["detokenize"] += time.perf_counter() - t0
             seq.output_text += new_text
             new_chars = len(new_text)
         self._check_stop(seq, token, new_chars)
@@ -237,7 +253,8 @@ class LLMEngine:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": bm.usage(), "prefix_cache_queries": bm.prefix_queries,
                 "prefix_cache_hits": bm.prefix_hits, "num_preemptions": self.scheduler.num_preemptions,
-                "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total}
+                "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total,
+                "step_seconds": dict(self.step_seconds)}
 
 
 def _find_stop(text: str, stops: list[str], include: bool, new_chars: int):

@@ -210,7 +210,9 @@ def build_app_from_args(args: argparse.Namespace):
     names = args.served_model_name or [args.model_tag or args.model or Path(model).name]
     metrics_holder: list = []
     async_engine = AsyncEngine(engine, on_request_done=lambda s: metrics_holder[0].observe(s))
-    metrics = Metrics(names[0], engine.max_model_len, lambda: async_engine.stats)
+    ctx_holder: list = []
+    metrics = Metrics(names[0], engine.max_model_len, lambda: {
+        **async_engine.stats, "tokenize_seconds": ctx_holder[0].tokenize_seconds if ctx_holder else 0.0})
     metrics_holder.append(metrics)
     bm = engine.block_manager
     ctx = ServingContext(
@@ -223,6 +225,7 @@ def build_app_from_args(args: argparse.Namespace):
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+    ctx_holder.append(ctx)
     return build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
 
 

@@ -61,6 +61,16 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(label, float(s.get(key, 0)))
             yield c
+        # Not vLLM's: where the time goes, for `glm5-ascend bench serve`'s breakdown.
+        c = CounterMetricFamily("glm5:engine_step_seconds", "Engine step thread wall time by phase.",
+                                labels=["model_name", "phase"])
+        for phase, secs in (s.get("step_seconds") or {}).items():
+            c.add_metric(label + [phase], float(secs))
+        yield c
+        c = CounterMetricFamily("glm5:tokenize_seconds", "Server time in chat templates and tokenization.",
+                                labels=["model_name"])
+        c.add_metric(label, float(s.get("tokenize_seconds", 0.0)))
+        yield c
 
 
 class Metrics:

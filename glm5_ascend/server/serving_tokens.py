@@ -44,6 +44,7 @@ class ServingContext:
     log_requests: bool = False
     return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the default per request
     created: int = field(default_factory=lambda: int(time.time()))
+    tokenize_seconds: float = 0.0  # chat templates + tokenization, for `bench serve`'s time breakdown
     _token_text: dict = field(default_factory=dict)
     _counter: itertools.count = field(default_factory=itertools.count)
 
@@ -66,7 +67,10 @@ class ServingContext:
 
     # ---------------------------------------------------------------- prompts
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
+        t0 = time.perf_counter()
+        ids = list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
+        self.tokenize_seconds += time.perf_counter() - t0
+        return ids
 
     def check_ids(self, ids: list[int], param: str = "prompt") -> None:
         if not ids:
@@ -114,8 +118,11 @@ class ServingContext:
                 raise BadRequest("Chat template is passed with request, but --trust-request-chat-template is "
                                  "not set. Refused request with untrusted chat template.", param="chat_template")
             template = req.chat_template
-        return render_chat(self.tokenizer, template, req.messages, req.tools, bool(req.add_generation_prompt),
+        t0 = time.perf_counter()
+        text = render_chat(self.tokenizer, template, req.messages, req.tools, bool(req.add_generation_prompt),
                            bool(req.continue_final_message), req.chat_template_kwargs, req.documents)
+        self.tokenize_seconds += time.perf_counter() - t0
+        return text
 
     # ---------------------------------------------------------------- sampling
     def sampling_params(self, req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,

@@ -427,9 +427,31 @@ def test_bench_serve_against_real_server(tmp_path):
         assert result["total_input_tokens"] == 16 * 32
         assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
         assert all(t > 0 for t in result["ttfts"])
+        # the server's own counters split the run: the model did real work, detokenization was timed
+        assert "Server time breakdown" in bench.stdout
+        parts = result["server_time_breakdown"]
+        assert parts["model"] > 0 and parts["detokenize"] > 0 and parts["model"] < result["duration"]
     finally:
         server.terminate()
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_server_time_breakdown_from_prometheus_text():
+    from glm5_ascend.bench.breakdown import format_breakdown, parse_server_times
+    text = (
+        '# TYPE glm5:engine_step_seconds_total counter\n'
+        'glm5:engine_step_seconds_total{model_name="m",phase="model"} 3.0\n'
+        'glm5:engine_step_seconds_total{model_name="m",phase="detokenize"} 0.5\n'
+        '# TYPE glm5:tokenize_seconds_total counter\n'
+        'glm5:tokenize_seconds_total{model_name="m"} 0.25\n')
+    after = parse_server_times(text)
+    assert after == {"model": 3.0, "detokenize": 0.5, "tokenize": 0.25}
+    table = format_breakdown({"model": 1.0}, after, duration=4.0, requests=2)
+    lines = {line[:44].strip(): line[44:].split() for line in table.splitlines()[2:]}
+    assert lines["engine: model forward + sampling"] == ["50.0%", "1000.00"]
+    assert lines["server: chat template + tokenization"] == ["6.2%", "125.00"]
+    assert lines["server: HTTP, JSON, SSE, event loop, idle"] == ["31.2%", "625.00"]  # 4 - 2 - 0.5 - 0.25
+    assert format_breakdown({}, parse_server_times("# other server\nvllm:x 1\n"), 4.0, 2) == ""
