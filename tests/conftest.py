@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# Device for the engine tests: cpu in CI; GLM5_TEST_DEVICE=cuda runs the same tests on a GPU.
+TEST_DEVICE = os.environ.get("GLM5_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

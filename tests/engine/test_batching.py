@@ -6,6 +6,7 @@ import random
 import pytest
 
 from glm5_ascend import LLM, SamplingParams
+from tests.conftest import TEST_DEVICE
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -21,7 +22,7 @@ def _run(llm, prompts, params=GREEDY):
 
 @pytest.fixture(scope="module")
 def llms(tiny_model_dir):
-    common = dict(device="cpu", block_size=16, seed=0)
+    common = dict(device=TEST_DEVICE, block_size=16, seed=0)
     return {
         "plain": LLM(tiny_model_dir, enable_prefix_caching=False, **common),
         # 24-token budget: long prompts are split into chunks and mixed with other requests' decodes
@@ -53,7 +54,7 @@ def test_prefix_cache_hits_equal_misses(llms):
 
 def test_no_block_leak_after_200_requests_with_preemption(tiny_model_dir):
     # 12 blocks of 16 tokens cannot hold 8 sequences of ~60 tokens: the scheduler must preempt.
-    llm = LLM(tiny_model_dir, device="cpu", block_size=16, num_gpu_blocks_override=12, max_model_len=160,
+    llm = LLM(tiny_model_dir, device=TEST_DEVICE, block_size=16, num_gpu_blocks_override=12, max_model_len=160,
               max_num_batched_tokens=64, seed=0)
     eng = llm.llm_engine
     free0 = eng.block_manager.num_free_blocks
@@ -74,7 +75,7 @@ def test_no_block_leak_after_200_requests_with_preemption(tiny_model_dir):
 
 
 def test_preempted_requests_give_the_same_greedy_tokens(tiny_model_dir, llms):
-    llm = LLM(tiny_model_dir, device="cpu", block_size=16, num_gpu_blocks_override=10, max_model_len=150,
+    llm = LLM(tiny_model_dir, device=TEST_DEVICE, block_size=16, num_gpu_blocks_override=10, max_model_len=150,
               enable_prefix_caching=False, seed=0)
     prompts = _prompts(6, seed=9, lo=30, hi=60)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 
 from glm5_ascend import LLM, SamplingParams
+from tests.conftest import TEST_DEVICE
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return LLM(tiny_model_dir, device="cpu", block_size=16, seed=0)
+    return LLM(tiny_model_dir, device=TEST_DEVICE, block_size=16, seed=0)
 
 
 PROMPT = {"prompt_token_ids": list(range(40, 90))}

@@ -15,11 +15,17 @@ from .hf_reference import CONFIGS, hf_greedy, make_reference
 STEPS = 32
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+PAIRS = [pytest.param((c, d), id=f"{c}-{d}", marks=_CUDA if d == "cuda" else [])
+         for c in sorted(CONFIGS) for d in ("cpu", "cuda")]
+
+
+@pytest.fixture(scope="module", params=PAIRS)
 def pair(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    hf = make_reference(path, request.param)
-    llm = LLM(str(path), dtype="float32", device="cpu", block_size=16, seed=0)
+    name, device = request.param
+    path = tmp_path_factory.mktemp(name)
+    hf = make_reference(path, name)
+    llm = LLM(str(path), dtype="float32", device=device, block_size=16, seed=0)
     return hf, llm
 
 
@@ -43,7 +49,7 @@ def test_prompt_logits_match(pair):
     hf, llm = pair
     for ids in _prompts(3, seed=1):
         ref = hf(torch.tensor([ids])).logits[0].float()
-        ours = _our_prompt_logits(llm, ids)
+        ours = _our_prompt_logits(llm, ids).cpu()
         assert ref.shape == ours.shape
         assert (ref - ours).abs().max().item() < 1e-4
 
