@@ -19,7 +19,7 @@ from . import cuda_kernels as k
 CONFIG = {
     "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
     "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
-    "mla_block_n": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
+    "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1,
 }
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
@@ -133,7 +133,7 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     qr = qr if qr.stride(-1) == 1 else qr.contiguous()
     idx = topk_indices if topk_indices.stride(-1) == 1 else topk_indices.contiguous()
     cfg = CONFIG
-    block_h = min(64, _p2(H))
+    block_h = max(16, min(CONFIG["mla_block_h"], _p2(H)))  # tl.dot needs M >= 16
     hb = triton.cdiv(H, block_h)
     splits = _mla_splits(T, hb, K, q_latent.device)
     split_len = triton.cdiv(triton.cdiv(K, splits), cfg["mla_block_n"]) * cfg["mla_block_n"]
