@@ -27,6 +27,16 @@ def parse_server_times(text: str) -> dict[str, float]:
     return out
 
 
+async def scrape_server_times(session, url: str, headers: dict) -> dict[str, float]:
+    """The server's own time counters (glm5-ascend only); {} when it has none or /metrics fails."""
+    metrics_url = url.split("/v1/")[0] + "/metrics"
+    try:
+        async with session.get(metrics_url, headers=headers) as resp:
+            return parse_server_times(await resp.text()) if resp.status == 200 else {}
+    except Exception:  # noqa: BLE001 - the breakdown is optional; the benchmark itself must not fail
+        return {}
+
+
 def format_breakdown(before: dict[str, float], after: dict[str, float], duration: float, requests: int) -> str:
     """A table of each part's share of the benchmark's wall time and its mean per request."""
     if not after or duration <= 0 or requests <= 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm5_ascend.bench.breakdown import format_breakdown, parse_server_times
+from glm5_ascend.bench.breakdown import format_breakdown, scrape_server_times
 from glm5_ascend.bench.datasets import (LocalTokenizer, RemoteTokenizer, SampleRequest, Tokenizer,
                                         random_requests, sharegpt_requests)
 from glm5_ascend.bench.metrics import (METRICS, RequestOutput, compute_metrics, format_report,
@@ -332,7 +332,7 @@ async def run_benchmark(args, url: str, model: str, headers: dict,
         test = await send(requests[0])
         if not test.success:
             raise RuntimeError(f"the test request to {url} failed: {test.error}")
-        before = await _server_times(session, url, headers)
+        before = await scrape_server_times(session, url, headers)
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = _progress(len(requests), args.disable_tqdm)
 
@@ -351,18 +351,9 @@ async def run_benchmark(args, url: str, model: str, headers: dict,
         outputs = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
         bar.close()
-        after = await _server_times(session, url, headers)
+        after = await scrape_server_times(session, url, headers)
     return outputs, duration, (before, after)
 
-
-async def _server_times(session, url: str, headers: dict) -> dict[str, float]:
-    """The server's own time counters (glm5-ascend only); {} when it has none or /metrics fails."""
-    metrics_url = url.split("/v1/")[0] + "/metrics"
-    try:
-        async with session.get(metrics_url, headers=headers) as resp:
-            return parse_server_times(await resp.text()) if resp.status == 200 else {}
-    except Exception:  # noqa: BLE001 - the breakdown is optional; the benchmark itself must not fail
-        return {}
 
 
 def _result_path(args, model: str) -> Path:
