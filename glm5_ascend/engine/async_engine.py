@@ -48,6 +48,7 @@ class RequestStats:
     first_token: float | None
     finished: float
     inter_token_latencies: list[float] = field(default_factory=list)
+    choice_generation_tokens: list[int] = field(default_factory=list)  # per choice (n > 1)
 
 
 @dataclass
@@ -234,7 +235,8 @@ class AsyncEngine:
         stats = RequestStats(
             out.request_id, track.prompt_tokens, sum(len(o.token_ids) for o in out.outputs),
             [o.finish_reason or "abort" for o in out.outputs], track.arrival,
-            m.first_scheduled_time if m else None, m.first_token_time if m else None, now, track.itl)
+            m.first_scheduled_time if m else None, m.first_token_time if m else None, now, track.itl,
+            [len(o.token_ids) for o in out.outputs])
         try:
             self.on_request_done(stats)
         except Exception:  # noqa: BLE001 - metrics must never take the loop down

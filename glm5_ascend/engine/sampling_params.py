@@ -36,7 +36,7 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
+        self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
@@ -76,6 +76,8 @@ class SamplingParams:
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v}.")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}.")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop cannot contain an empty string.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:

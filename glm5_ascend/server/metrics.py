@@ -101,21 +101,27 @@ class Metrics:
                                         lab, buckets=sizes, registry=r)
         for reason in ("stop", "length", "abort"):  # present from the start, as vLLM does
             self.request_success.labels(model_name, reason)
+        for series in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
+                       self.queue_time, self.req_prompt, self.req_generation):
+            series.labels(model_name)
         r.register(_EngineCollector(stats_source, model_name))
 
     def observe(self, s: RequestStats) -> None:
+        """Count each of a request's n choices as one request, as vLLM (which fans n out) does."""
         m = self.model_name
-        self.prompt_tokens.labels(m).inc(s.prompt_tokens)
+        per_choice = s.choice_generation_tokens or [s.generation_tokens]
+        self.prompt_tokens.labels(m).inc(s.prompt_tokens * len(per_choice))
         self.generation_tokens.labels(m).inc(s.generation_tokens)
         for reason in s.finish_reasons:
             self.request_success.labels(m, reason).inc()
-        self.req_prompt.labels(m).observe(s.prompt_tokens)
-        self.req_generation.labels(m).observe(s.generation_tokens)
-        self.e2e.labels(m).observe(max(0.0, s.finished - s.arrival))
-        if s.first_token is not None:
-            self.ttft.labels(m).observe(max(0.0, s.first_token - s.arrival))
-        if s.first_scheduled is not None:
-            self.queue_time.labels(m).observe(max(0.0, s.first_scheduled - s.arrival))
+        for generated in per_choice:
+            self.req_prompt.labels(m).observe(s.prompt_tokens)
+            self.req_generation.labels(m).observe(generated)
+            self.e2e.labels(m).observe(max(0.0, s.finished - s.arrival))
+            if s.first_token is not None:
+                self.ttft.labels(m).observe(max(0.0, s.first_token - s.arrival))
+            if s.first_scheduled is not None:
+                self.queue_time.labels(m).observe(max(0.0, s.first_scheduled - s.arrival))
         for gap in s.inter_token_latencies:
             self.itl.labels(m).observe(gap)
 

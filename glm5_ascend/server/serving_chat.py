@@ -162,9 +162,13 @@ class ChatServing:
         return ChoiceParser(self.ctx.reasoning_parser, prep.tool_parser, req.tools, req.chat_template_kwargs)
 
     @staticmethod
-    def _finish_reason(req: ChatCompletionRequest, reason: str | None, called: bool) -> str | None:
-        if called and not isinstance(req.tool_choice, NamedToolChoice) and reason == "stop":
-            return "tool_calls"  # vLLM: auto / required calls end with "tool_calls"; a named one with "stop"
+    def _finish_reason(req: ChatCompletionRequest, reason: str | None, called: bool, streaming: bool) -> str | None:
+        """vLLM: auto / required calls end with "tool_calls", a named one with "stop". The one-shot
+        answer says "tool_calls" for auto calls whatever stopped the text; the stream only on a stop."""
+        if not called or isinstance(req.tool_choice, NamedToolChoice):
+            return reason
+        if reason == "stop" or (not streaming and req.tool_choice != "required" and reason is not None):
+            return "tool_calls"
         return reason
 
     def _logprobs(self, req, token_ids: list[int], entries: list) -> dict:
@@ -194,12 +198,14 @@ class ChatServing:
             content = parts["content"]
             if prep.echo_text:
                 content = prep.echo_text + (content or "")
+            if content is None and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
+                content = ""  # vLLM answers forced tool choices with empty, not null, content
             message = {"role": prep.role, "content": content, "refusal": None, "annotations": None,
                        "audio": None, "function_call": None, "tool_calls": parts["tool_calls"],
                        "reasoning": parts["reasoning"], "reasoning_content": parts["reasoning"]}
             choice = {"index": o.index, "message": message,
                       "logprobs": self._logprobs(req, o.token_ids, o.logprobs or []) if req.logprobs else None,
-                      "finish_reason": self._finish_reason(req, o.finish_reason, bool(parts["tool_calls"])),
+                      "finish_reason": self._finish_reason(req, o.finish_reason, bool(parts["tool_calls"]), False),
                       "stop_reason": o.stop_reason}
             if req.return_token_ids:
                 choice["token_ids"] = list(o.token_ids)
@@ -267,7 +273,7 @@ class ChatServing:
                 if o.finish_reason:
                     done[i] = True
                     _merge(parts, parsers[i].finish())
-                    reason = self._finish_reason(req, o.finish_reason, parsers[i].called_tools)
+                    reason = self._finish_reason(req, o.finish_reason, parsers[i].called_tools, True)
                 if req.parallel_tool_calls is False:
                     _first_call_only(parts)
                 if parts or logprobs or reason:  # a held-back delta still reports its tokens' logprobs

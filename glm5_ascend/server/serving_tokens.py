@@ -68,8 +68,13 @@ class ServingContext:
     # ---------------------------------------------------------------- prompts
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         t0 = time.perf_counter()
-        ids = list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
-        self.tokenize_seconds += time.perf_counter() - t0
+        try:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
+        except (TypeError, UnicodeError):  # e.g. a lone surrogate ("\ud800") that JSON allowed through
+            raise BadRequest("The prompt is not valid Unicode text (it holds a lone surrogate); "
+                             "send valid UTF-8 text.", param="prompt") from None
+        finally:
+            self.tokenize_seconds += time.perf_counter() - t0
         return ids
 
     def check_ids(self, ids: list[int], param: str = "prompt") -> None:

@@ -93,6 +93,7 @@ def test_eos_stops_unless_ignored(llm):
     (dict(n=0), "n must"), (dict(max_tokens=0), "max_tokens"), (dict(min_p=2), "min_p"),
     (dict(logprobs=21), "logprobs"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop=["a", ""]), "empty string"),
 ])
 def test_invalid_sampling_params_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):

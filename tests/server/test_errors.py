@@ -114,10 +114,23 @@ def test_empty_inputs(http):
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "image_url"),
     ("/detokenize", {"tokens": [1, 100000]}, "out of vocabulary"),
+    (CMPL, {"prompt": "x", "stop": ""}, "stop cannot contain an empty string"),
+    (CHAT, {"messages": USER, "stop": ["ok", ""]}, "stop cannot contain an empty string"),
 ])
 def test_semantic_errors(http, path, body, needle):
     err = assert_error(http.post(path, json=body), 400)
     assert needle in err["message"], err
+
+
+@pytest.mark.parametrize("path,body", [
+    (CMPL, b'{"prompt": "a\\ud800b", "max_tokens": 2}'),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'),
+    ("/tokenize", b'{"prompt": "\\ud800"}'),
+])
+def test_lone_surrogate_is_400(http, path, body):
+    """JSON may escape a lone surrogate; it is not text a tokenizer can take: 400, not 500."""
+    err = assert_error(http.post(path, content=body, headers={"content-type": "application/json"}), 400)
+    assert "surrogate" in err["message"]
 
 
 def test_unknown_fields_are_ignored(http):

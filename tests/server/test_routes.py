@@ -324,3 +324,21 @@ def test_metrics_names_and_labels(http):
     for reason in ("stop", "length", "abort"):
         assert f'vllm:request_success_total{{finished_reason="{reason}",model_name="{MODEL}"}}' in text
     assert "vllm:gpu_cache_usage_perc" not in text  # retired name
+
+
+def test_metrics_count_each_of_n_choices_as_a_request(http):
+    """vLLM fans n > 1 out into n requests: every per-request series moves by n, tokens agree with usage."""
+    from tests.server.conftest import metric, metric_values
+    before = metric_values(http.get("/metrics").text)
+    r = http.post("/v1/completions", json={"prompt": "count me", "max_tokens": 3, "n": 3, "ignore_eos": True})
+    usage = r.json()["usage"]
+    after = metric_values(http.get("/metrics").text)
+
+    def delta(name, **labels):
+        return metric(after, name, model_name=MODEL, **labels) - metric(before, name, model_name=MODEL, **labels)
+
+    assert delta("vllm:request_success_total", finished_reason="length") == 3
+    assert delta("vllm:e2e_request_latency_seconds_count") == 3
+    assert delta("vllm:request_prompt_tokens_count") == 3
+    assert delta("vllm:prompt_tokens_total") == 3 * usage["prompt_tokens"]
+    assert delta("vllm:generation_tokens_total") == usage["completion_tokens"] == 9
