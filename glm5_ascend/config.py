@@ -179,9 +179,10 @@ class ModelConfig:
 
 
 def _mlp_types(raw: dict, n: int) -> list[str]:
+    # transformers' GlmMoeDsaConfig rule: the first first_k_dense_replace layers dense, all others MoE
+    # (it ignores moe_layer_freq, which GLM-5 sets to 1).
     k = min(raw.get("first_k_dense_replace", 3), n)
-    freq = max(raw.get("moe_layer_freq", 1), 1)
-    return ["dense" if i < k or (i - k) % freq else "sparse" for i in range(n)]
+    return ["dense"] * k + ["sparse"] * (n - k)
 
 
 def _indexer_types(raw: dict, n: int) -> list[str]:

@@ -15,7 +15,7 @@ def _cli(*args, env_extra=None, timeout=300):
 def test_generate_on_the_builtin_tiny_model(tmp_path):
     r = _cli("generate", "--prompt", "Hello", "--max-tokens", "8", env_extra={"GLM5_CACHE_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    model_dir = tmp_path / "tiny-glm5-v1"
+    model_dir = tmp_path / "tiny-glm5-v2"
     assert (model_dir / "model.safetensors").is_file()  # created once in the cache dir
     from glm5_ascend import LLM, SamplingParams
     expected = LLM(str(model_dir)).generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text

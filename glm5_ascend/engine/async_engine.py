@@ -190,8 +190,10 @@ class AsyncEngine:
     def _abort(self, rid: str) -> None:
         out = self.engine.abort_request(rid)
         track = self._tracks.pop(rid, None)
-        if out is not None and track is not None:
-            self._report(out, track, time.monotonic())
+        if out is not None:
+            self._deliver([(rid, out)])  # a caller still iterating generate() gets the "abort" finish
+            if track is not None:
+                self._report(out, track, time.monotonic())
 
     def _step(self) -> None:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from dataclasses import dataclass
 
@@ -90,9 +91,13 @@ class LLMEngine:
         if not prompt_ids:
             raise ValueError("The prompt is empty; send at least one token.")
         vocab = self.config.model.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"Token id {bad} is out of vocabulary (vocab_size={vocab}).")
+        for t in prompt_ids:
+            try:
+                t = operator.index(t)  # ints of any integer type (numpy too), never floats or strings
+            except TypeError:
+                raise ValueError(f"Token ids must be integers, got {t!r} ({type(t).__name__}).") from None
+            if not 0 <= t < vocab:
+                raise ValueError(f"Token id {t} is out of vocabulary (vocab_size={vocab}).")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model "
                              f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller "
@@ -103,6 +108,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids)
+        prompt_ids = [operator.index(t) for t in prompt_ids]
         arrival = arrival if arrival is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -179,6 +185,8 @@ class LLMEngine:
             entry = {token: Logprob(s.logprobs[i], s.top[i][2])}
             for rank, (tid, lp) in enumerate(zip(s.top[i][0], s.top[i][1]), start=1):
                 entry.setdefault(tid, Logprob(lp, rank))
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
             seq.logprobs.append(entry)
         new_chars = 0
         p = seq.params
@@ -222,6 +230,8 @@ class LLMEngine:
                 entry = {seq.token_ids[pos]: Logprob(lp, ranks[j])}
                 for rank, (tid, tlp) in enumerate(zip(top_ids[j], top_lps[j]), start=1):
                     entry.setdefault(tid, Logprob(tlp, rank))
+                for tid, logprob in entry.items():
+                    logprob.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
                 if pos < len(seq.prompt_logprobs):
                     seq.prompt_logprobs[pos] = entry
                 else:
@@ -235,7 +245,8 @@ class LLMEngine:
             if not seq.is_finished and p.stop and not p.include_stop_str_in_output:
                 hold = max(len(s) for s in p.stop) - 1  # never stream the start of a stop string
                 text = text[: max(0, len(text) - hold)]
-            outs.append(CompletionOutput(seq.index, text, seq.output_ids, seq.cumulative_logprob,
+            cumulative = seq.cumulative_logprob if p.logprobs is not None else None  # as vLLM reports it
+            outs.append(CompletionOutput(seq.index, text, seq.output_ids, cumulative,
                                          seq.logprobs, seq.finish_reason, seq.stop_reason))
         finished = all(s.is_finished for s in req.seqs)
         m = req.metrics

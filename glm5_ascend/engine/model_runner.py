@@ -97,7 +97,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev))
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            prompt_lens=torch.tensor([s.num_prompt_tokens for s in batch.seqs], dtype=torch.int32, device=dev))
         return (torch.tensor(ids, dtype=torch.int64, device=dev),
                 torch.tensor(pos, dtype=torch.int64, device=dev), meta, cu)
 

@@ -28,12 +28,14 @@ class AttnMetadata:
 
     slot_mapping: int64 [T] cache slot of each new token (-1 = padding)
     block_tables: int32 [B, max_blocks]; cu_seqlens_q: int32 [B+1]; seq_lens: int32 [B] (context incl. new)
+    prompt_lens: int32 [B] prompt length of each sequence
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     cu_seqlens_q: torch.Tensor
     seq_lens: torch.Tensor
+    prompt_lens: torch.Tensor | None = None  # int32 [B]; steers the indexer's tie-breaking only
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Indexer(nn.Module):
         q = self._rope_first(self.wq_b(q_resid).view(-1, self.n_heads, self.head_dim), cos, sin)
         weights = self.weights_proj(x.float()) * self.n_heads ** -0.5
         return ops.lightning_indexer(q, weights, cache.index, meta.block_tables, meta.cu_seqlens_q,
-                                     meta.seq_lens, self.topk, self.softmax_scale)
+                                     meta.seq_lens, self.topk, self.softmax_scale, meta.prompt_lens)
 
 
 class MLAttention(nn.Module):

@@ -19,7 +19,7 @@ from glm5_ascend import envs
 from glm5_ascend.config import ModelConfig
 from glm5_ascend.model.tiny_tokenizer import EOS_TOKENS, special_token_ids, write_tiny_tokenizer
 
-TINY_NAME = "tiny-glm5-v1"
+TINY_NAME = "tiny-glm5-v2"
 
 
 def tiny_config(vocab_size: int) -> dict:
@@ -34,7 +34,7 @@ def tiny_config(vocab_size: int) -> dict:
         "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
         "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "first_k_dense_replace": 1, "moe_layer_freq": 1,
-        "index_n_heads": 4, "index_head_dim": 32, "index_topk": 32, "index_topk_pattern": "FFSF",
+        "index_n_heads": 16, "index_head_dim": 32, "index_topk": 32, "index_topk_pattern": "FFSF",
         "indexer_rope_interleave": True, "rope_interleave": True,
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "num_nextn_predict_layers": 1,

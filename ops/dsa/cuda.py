@@ -1,8 +1,9 @@
 """DSA ops on CUDA GPUs: Triton kernels (ops/dsa/cuda_kernels.py) behind the reference signatures.
 
-Contracts are those of ops/dsa/reference.py, with one documented difference: lightning_indexer
-returns the same *set* of positions (equal scores broken toward the lower position, as there) but
-not sorted by score: positions above the K-th score come first, then the ties at it, each group
+Contracts are those of ops/dsa/reference.py, with two documented differences in lightning_indexer:
+equal scores at the K-th place are broken toward the lower position (the reference reproduces
+transformers' topk choice instead; prompt_lens is accepted and unused here), and the positions are
+not sorted by score: those above the K-th score come first, then the ties at it, each group
 ascending. No wrapper syncs with the host, so decode steps can be captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_ca
         R=R, DR=DR, DI=DI, R_P=_p2(R), DR_P=_p2(DR), DI_P=_p2(DI), HAS_INDEX=has_index, num_warps=4)
 
 
-def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale):
+def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale,
+                      prompt_lens=None):
     """Top-k causal context positions per query token.
 
     Args:

@@ -6,10 +6,8 @@ Conventions shared by every DSA op (and by the npu / cuda backends):
     tokens, so query i of sequence b sits at position seq_lens[b] - q_len_b + i.
   * Paged caches have shape [num_blocks, block_size, D]. `block_tables` [B, max_blocks] (int32) maps
     a sequence's block number to a physical block; a token's slot is block * block_size + offset.
-  * Top-k indices are token *positions* within the sequence (int32), padded with -1. Equal index
-    scores are broken toward the lower position (exact ties are common: a key whose ReLU terms are
-    all zero scores exactly 0), so results never depend on batch composition. The order within a
-    row is unspecified (this reference sorts by score; the cuda backend does not).
+  * Top-k indices are token *positions* within the sequence (int32), padded with -1. The order
+    within a row is unspecified. How equal scores are broken is in lightning_indexer's docstring.
 """
 from __future__ import annotations
 
@@ -42,7 +40,7 @@ def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.T
 
 def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                      topk: int, softmax_scale: float) -> torch.Tensor:
+                      topk: int, softmax_scale: float, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
     """DSA lightning indexer: pick each query's top-k context tokens.
 
     score(t, j) = sum_h weights[t, h] * relu(softmax_scale * q[t, h] . k[j]), over causal j <= pos(t).
@@ -50,34 +48,61 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
     Args:
         q: [T, H, D] indexer queries (rope applied). weights: [T, H] float32 head weights.
         index_cache: [num_blocks, block_size, D] paged index keys.
+        prompt_lens: int [B] prompt length of each sequence, or None.
     Returns:
         int32 [T, topk]: positions of the selected tokens; -1 where the context is shorter than topk.
+
+    Ties: a key whose ReLU terms are all zero scores exactly 0, so equal scores are common in
+    small models, and torch.topk's choice among them depends on the row's length. To pick what a
+    transformers forward picks, the scores are computed with its matmuls and ranked with topk over
+    the row it ranks: as long as the prompt for prompt positions (a whole-prompt forward), and
+    pos + 1 for generated ones (a cached decode step), future positions -inf. That choice is also
+    independent of chunked prefill and batching.
     """
     T = q.shape[0]
     block_size = index_cache.shape[1]
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     flat_keys = index_cache.view(-1, index_cache.shape[-1])
     cu = cu_seqlens_q.tolist()
+    prompts = prompt_lens.tolist() if prompt_lens is not None else None
     for b, ctx in enumerate(seq_lens.tolist()):
         start, end = cu[b], cu[b + 1]
         if end == start:
             continue
-        pos_all = torch.arange(ctx, device=q.device)
-        keys = flat_keys[_gather_slots(block_tables, b, pos_all, block_size)].float()  # [ctx, D]
-        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
-        rows = max(1, _MAX_CHUNK_ELEMS // max(1, ctx * q.shape[1]))
-        k_eff = min(topk, ctx)
+        n_q = end - start
+        first_pos = ctx - n_q
+        prompt = prompts[b] if prompts is not None else ctx
+        row_len = prompt  # the row of every prompt position (a whole-prompt forward's length)
+        keys = flat_keys[_gather_slots(block_tables, b, torch.arange(ctx, device=q.device), block_size)]
+        key_t = keys.float().t()[None, None]  # [1, 1, D, ctx], as transformers lays it out
+        q_pos = torch.arange(first_pos, ctx, device=q.device)
+        rows = max(1, _MAX_CHUNK_ELEMS // max(1, row_len * q.shape[1]))
         for s in range(start, end, rows):
             e = min(end, s + rows)
-            scores = torch.relu(torch.einsum("thd,jd->thj", q[s:e].float(), keys) * softmax_scale)
-            scores = torch.einsum("th,thj->tj", weights[s:e].float(), scores)
-            scores.masked_fill_(pos_all[None, :] > q_pos[s - start:e - start, None], float("-inf"))
-            # A stable sort breaks score ties toward the lower position, so the selection does
-            # not depend on how long the row is (batch composition, chunking, prefix-cache hits).
-            vals, idx = scores.sort(dim=-1, descending=True, stable=True)
-            vals, idx = vals[:, :k_eff], idx[:, :k_eff]
-            out[s:e, :k_eff] = torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
+            scores = torch.relu(torch.matmul(q[s:e].float()[None], key_t) * softmax_scale)  # [1, n, H, ctx]
+            scores = torch.matmul(weights[s:e].float()[None, :, None, :], scores)[0, :, 0]  # [n, ctx]
+            pos = q_pos[s - start:e - start]
+            # generated positions rank over pos + 1 entries, prompt positions over row_len
+            for lo, hi, length in _row_groups(pos, prompt, row_len):
+                row = torch.full((hi - lo, length), float("-inf"), device=q.device)
+                width = min(length, ctx)
+                row[:, :width] = scores[lo:hi, :width]
+                causal = torch.arange(length, device=q.device)[None, :] > pos[lo:hi, None]
+                row.masked_fill_(causal, float("-inf"))
+                k_eff = min(topk, length)
+                vals, idx = row.topk(k_eff, dim=-1)
+                out[s + lo:s + hi, :k_eff] = torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
     return out
+
+
+def _row_groups(pos: torch.Tensor, prompt: int, row_len: int):
+    """(lo, hi, row length) runs over these query positions: prompt positions share row_len,
+    each generated position p has its own row of p + 1."""
+    p = pos.tolist()
+    n_prompt = sum(1 for x in p if x < prompt)
+    groups = [(0, n_prompt, row_len)] if n_prompt else []
+    groups += [(i, i + 1, p[i] + 1) for i in range(n_prompt, len(p))]
+    return groups
 
 
 def sparse_mla_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,

@@ -14,6 +14,9 @@ CONFIGS = {
     "shared_indexer": dict(index_topk_pattern="FFSF", n_group=2, topk_group=1),
     # more groups, two picked per token, every layer with its own indexer
     "grouped_routing": dict(n_group=4, topk_group=2, num_experts_per_tok=3, index_topk=12),
+    # two index heads: many keys score exactly 0, so equal scores sit on the top-k boundary and the
+    # choice among them must be the one transformers makes
+    "tied_index_scores": dict(index_n_heads=2, index_topk=16, n_group=2, topk_group=1),
 }
 
 
@@ -38,14 +41,10 @@ def make_reference(out_dir, name: str, seed: int = 0):
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], steps: int):
-    """Greedy continuation with a full forward per step (no cache): tokens and per-step log-softmax."""
-    ids = list(prompt)
-    tokens, logprobs = [], []
-    for _ in range(steps):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        lp = torch.log_softmax(logits, -1)
-        t = int(logits.argmax())
-        tokens.append(t)
-        logprobs.append(float(lp[t]))
-        ids.append(t)
+    """transformers' own greedy generate (KV cache), never stopping at EOS: tokens and log-softmaxes."""
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
     return tokens, logprobs

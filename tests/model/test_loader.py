@@ -140,3 +140,13 @@ def test_published_glm5_config_parses():
     cfg = ModelConfig.from_dict(json.loads(ref.read_text()))
     assert cfg.mlp_layer_types[:4] == ("dense", "dense", "dense", "sparse")
     assert set(cfg.indexer_types) == {"full"} and cfg.mtp_layer_index == 78 and cfg.qk_head_dim == 256
+
+
+def test_moe_layer_freq_follows_transformers(tiny):
+    """transformers' GlmMoeDsaConfig ignores moe_layer_freq: first_k_dense_replace dense layers, then MoE."""
+    from transformers import GlmMoeDsaConfig
+    raw = json.loads((tiny / "config.json").read_text())
+    raw.update(moe_layer_freq=2, first_k_dense_replace=1, num_hidden_layers=5, index_topk_pattern="FFSFF")
+    ours = ModelConfig.from_dict(raw).mlp_layer_types
+    hf_raw = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
+    assert list(ours) == GlmMoeDsaConfig(**hf_raw).mlp_layer_types == ["dense"] + ["sparse"] * 4

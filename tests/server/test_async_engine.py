@@ -180,3 +180,22 @@ def test_idle_loop_sleeps():
         await asyncio.sleep(0.4)
         return eng.idle_checks - before
     assert run(eng, body) <= 1  # no polling while idle
+
+
+def test_abort_ends_the_callers_generate_with_abort():
+    """AsyncEngine.abort(rid) from elsewhere: the caller still iterating gets the "abort" finish, no hang."""
+    async def body(ae):
+        outs = []
+
+        async def consume():
+            async for out in ae.generate([1, 2], SamplingParams(max_tokens=10_000), "victim"):
+                outs.append(out)
+                if len(outs) == 2:
+                    ae.abort("victim")
+        await asyncio.wait_for(consume(), timeout=10)
+        return outs
+
+    eng = ScriptedEngine(step_delay=0.01)
+    outs = run(eng, body)
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert eng.aborted == ["victim"] and not eng.requests

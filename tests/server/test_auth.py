@@ -32,7 +32,7 @@ def test_v1_needs_a_key(auth_server):
 def test_every_key_works(auth_server):
     for key in KEYS:
         r = httpx.get(auth_server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
-        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny-glm5-v1"
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny-glm5-v2"
 
 
 def test_open_routes(auth_server):
@@ -44,7 +44,7 @@ def test_open_routes(auth_server):
 
 def test_openai_client_with_and_without_key(auth_server):
     good = openai.OpenAI(base_url=auth_server.url + "/v1", api_key=KEYS[1], max_retries=0)
-    out = good.completions.create(model="tiny-glm5-v1", prompt="hi", max_tokens=2)
+    out = good.completions.create(model="tiny-glm5-v2", prompt="hi", max_tokens=2)
     assert out.usage.completion_tokens <= 2
     bad = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

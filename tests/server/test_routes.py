@@ -27,7 +27,7 @@ def test_models(client, http, server):
     assert [c["id"] for c in body["data"]] == [MODEL, "glm5-alias"]
     card = body["data"][0]
     assert card["owned_by"] == "vllm" and card["max_model_len"] == 1024 and card["parent"] is None
-    assert card["root"].endswith("tiny-glm5-v1") and card["permission"][0]["object"] == "model_permission"
+    assert card["root"].endswith("tiny-glm5-v2") and card["permission"][0]["object"] == "model_permission"
     assert [m.id for m in client.models.list()] == [MODEL, "glm5-alias"]
 
 
