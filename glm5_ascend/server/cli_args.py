@@ -121,11 +121,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"two models given ({args.model_tag} and --model {args.model}); pass only one")
     for name in ("pipeline_parallel_size", "data_parallel_size"):
         if getattr(args, name) != 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: one server process runs one "
-                             "engine; use `glm5-ascend launch` for multi-node layouts")
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: serving across processes is "
+                             "not implemented yet (README, Features); use 1")
     if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} needs several processes; "
-                         "use `glm5-ascend launch` (serve runs a single process with -tp 1)")
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: serving across processes is not "
+                         "implemented yet (README, Features); use -tp 1")
     if args.quantization not in (None, "None", "none"):
         raise ValueError(f"--quantization {args.quantization} is not supported; serve the BF16 checkpoint")
     if args.kv_cache_dtype != "auto":
@@ -229,9 +229,27 @@ def build_app_from_args(args: argparse.Namespace):
     return build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line before loading the model, not after, when the address is taken."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e}); use an address such as 0.0.0.0") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+                             "or stop the process using it") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """Serve until interrupted; user errors raise ValueError (one line from the CLI)."""
     check_args(args)
+    _check_port_free(args.host, args.port)
     import uvicorn
     app = build_app_from_args(args)
     logger.info("Serving on http://%s:%d", args.host, args.port)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,8 +14,8 @@ CASES = [
     (["--no-such-flag"], 2, "unrecognized arguments"),
     (["--speculative-config", "{not json"], 2, "not valid JSON"),
     (["--max-model-len", "lots"], 2, "number of tokens"),
-    (["-tp", "2"], 1, "glm5-ascend launch"),
-    (["--data-parallel-size", "2"], 1, "glm5-ascend launch"),
+    (["-tp", "2"], 1, "not implemented yet"),
+    (["--data-parallel-size", "2"], 1, "not implemented yet"),
     (["--quantization", "fp8"], 1, "--quantization"),
     (["--kv-cache-dtype", "fp8"], 1, "--kv-cache-dtype"),
     (["--tool-call-parser", "hermes"], 1, "unknown tool parser"),
@@ -32,12 +33,26 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def results(tiny_model_dir):
+def busy_port():
+    """A port some other program already listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model_dir, busy_port):
     """Run every case at once (each is a short-lived process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "glm5_ascend.server", "--port", "1", *args],
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])  # released before the servers start: none of them gets to listen
+    runs = [["--host", "127.0.0.1", "--port", free, *args] for args, _, _ in CASES]
+    runs.append(["--host", "127.0.0.1", "--port", str(busy_port)])
+    procs = [subprocess.Popen([sys.executable, "-m", "glm5_ascend.server", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-             for args, _, _ in CASES]
+             for args in runs]
     return [p.communicate(timeout=120) + (p.returncode,) for p in procs]
 
 
@@ -49,3 +64,11 @@ def test_bad_flag(results, i):
     assert "Traceback" not in err and "Traceback" not in out
     lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_port_in_use_fails_before_loading_the_model(results, busy_port):
+    out, err, rc = results[-1]
+    assert rc == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{busy_port}" in lines[0], err
+    assert "KV cache" not in err  # refused before the engine was built
