@@ -53,8 +53,8 @@ def _checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for name, target in _targets(model).items():
         if target[0] == "param":
             shapes[name] = tuple(target[1].shape)
-        else:
-            mod, proj = target[1], target[3]
+        else:  # a routed expert's projection ("expert", module, expert id, proj)
+            proj = target[3]
             inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
             shapes[name] = (hidden, inter) if proj == "down_proj" else (inter, hidden)
     return shapes

@@ -46,7 +46,7 @@ def ep_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.T
         recv_hidden [N, D] rows grouped by local expert, recv_counts int64 [E_local], handle.
     """
     T, D = hidden.shape
-    world, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    world = dist.get_world_size(ep_group)
     if num_experts % world:
         raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {world}")
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or weights.shape != expert_ids.shape:
