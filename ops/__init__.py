@@ -77,14 +77,15 @@ def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_ca
 
 
 def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale,
-                      prompt_lens=None):
+                      prompt_lens=None, tie_flags=None):
     """Top-k token positions per query, int32 [T, topk], -1 padded; see ops/dsa/reference.py.
 
-    prompt_lens (int [B], optional) only steers which of several equal scores are kept (see the
-    reference); backends with their own select kernel may break such ties their own way.
+    prompt_lens (int [B]) and tie_flags (bool [T], filled) concern only which of several equal scores
+    are kept (see the reference); backends with their own select kernel break such ties toward the
+    lower position, a rule that needs neither.
     """
     return _call("lightning_indexer", q.device, q, weights, index_cache, block_tables, cu_seqlens_q,
-                 seq_lens, topk, softmax_scale, prompt_lens)
+                 seq_lens, topk, softmax_scale, prompt_lens, tie_flags)
 
 
 def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,

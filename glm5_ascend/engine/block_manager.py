@@ -110,7 +110,7 @@ class BlockManager:
         """Enter blocks that just filled with computed tokens into the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens // self.block_size, seq.uncacheable_from_block)
         if full <= seq.num_registered_blocks:
             return
         hashes = self._block_hashes(seq, full * self.block_size)

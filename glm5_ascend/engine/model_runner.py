@@ -98,7 +98,8 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            prompt_lens=torch.tensor([s.num_prompt_tokens for s in batch.seqs], dtype=torch.int32, device=dev))
+            prompt_lens=torch.tensor([s.num_prompt_tokens for s in batch.seqs], dtype=torch.int32, device=dev),
+            index_ties=torch.zeros(len(ids), dtype=torch.bool, device=dev))
         return (torch.tensor(ids, dtype=torch.int64, device=dev),
                 torch.tensor(pos, dtype=torch.int64, device=dev), meta, cu)
 
@@ -106,7 +107,23 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Forward one batch -> (final hidden states [T, D], cu_seqlens as a list)."""
         ids, pos, meta, cu = self.prepare(batch)
-        return self.model(ids, pos, self.caches, meta), cu
+        hidden = self.model(ids, pos, self.caches, meta)
+        self._limit_prefix_cache(batch, meta.index_ties, cu)
+        return hidden, cu
+
+    def _limit_prefix_cache(self, batch: ScheduledBatch, ties: torch.Tensor, cu: list[int]) -> None:
+        """Keep blocks whose keys depend on the prompt's length out of the prefix cache.
+
+        Where a prompt row's top-k kept some but not all of several equal index scores, another prompt
+        sharing this prefix (but not its length) would keep others; that position's block and every
+        later one must not be reused (docs/architecture.md)."""
+        if not bool(ties.any()):
+            return
+        for b, seq in enumerate(batch.seqs):
+            hit = ties[cu[b]:cu[b + 1]].nonzero()
+            if hit.numel():
+                block = (seq.num_computed_tokens + int(hit[0, 0])) // self.block_size
+                seq.uncacheable_from_block = min(seq.uncacheable_from_block, block)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:

@@ -42,6 +42,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # full blocks already entered into the prefix cache
+        self.uncacheable_from_block = 1 << 62  # blocks from here on never enter the prefix cache
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
@@ -76,6 +77,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table = []
         self.num_registered_blocks = 0
+        self.uncacheable_from_block = 1 << 62
         self.status = Status.WAITING
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = [None]

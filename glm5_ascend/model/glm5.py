@@ -36,6 +36,7 @@ class AttnMetadata:
     cu_seqlens_q: torch.Tensor
     seq_lens: torch.Tensor
     prompt_lens: torch.Tensor | None = None  # int32 [B]; steers the indexer's tie-breaking only
+    index_ties: torch.Tensor | None = None  # bool [T], filled: prompt rows whose top-k split a tie
 
 
 @dataclass
@@ -72,7 +73,8 @@ class Indexer(nn.Module):
         q = self._rope_first(self.wq_b(q_resid).view(-1, self.n_heads, self.head_dim), cos, sin)
         weights = self.weights_proj(x.float()) * self.n_heads ** -0.5
         return ops.lightning_indexer(q, weights, cache.index, meta.block_tables, meta.cu_seqlens_q,
-                                     meta.seq_lens, self.topk, self.softmax_scale, meta.prompt_lens)
+                                     meta.seq_lens, self.topk, self.softmax_scale, meta.prompt_lens,
+                                     meta.index_ties)
 
 
 class MLAttention(nn.Module):

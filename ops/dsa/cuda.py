@@ -2,7 +2,7 @@
 
 Contracts are those of ops/dsa/reference.py, with two documented differences in lightning_indexer:
 equal scores at the K-th place are broken toward the lower position (the reference reproduces
-transformers' topk choice instead; prompt_lens is accepted and unused here), and the positions are
+transformers' topk choice instead; prompt_lens and tie_flags are accepted and unused here), and the positions are
 not sorted by score: those above the K-th score come first, then the ties at it, each group
 ascending. No wrapper syncs with the host, so decode steps can be captured in CUDA graphs.
 """
@@ -64,7 +64,7 @@ def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_ca
 
 
 def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_lens, topk, softmax_scale,
-                      prompt_lens=None):
+                      prompt_lens=None, tie_flags=None):
     """Top-k causal context positions per query token.
 
     Args:

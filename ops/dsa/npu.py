@@ -81,7 +81,8 @@ def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.T
 
 def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                      topk: int, softmax_scale: float, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+                      topk: int, softmax_scale: float, prompt_lens: torch.Tensor | None = None,
+                      tie_flags: torch.Tensor | None = None) -> torch.Tensor:
     """DSA top-k selection via npu_lightning_indexer -> int32 [T, topk] positions, -1 padded at the end.
 
     q [T, H, D]; weights [T, H] float32; index_cache [num_blocks, block_size, D].

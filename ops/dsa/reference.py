@@ -40,7 +40,8 @@ def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.T
 
 def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                      topk: int, softmax_scale: float, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+                      topk: int, softmax_scale: float, prompt_lens: torch.Tensor | None = None,
+                      tie_flags: torch.Tensor | None = None) -> torch.Tensor:
     """DSA lightning indexer: pick each query's top-k context tokens.
 
     score(t, j) = sum_h weights[t, h] * relu(softmax_scale * q[t, h] . k[j]), over causal j <= pos(t).
@@ -49,6 +50,8 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
         q: [T, H, D] indexer queries (rope applied). weights: [T, H] float32 head weights.
         index_cache: [num_blocks, block_size, D] paged index keys.
         prompt_lens: int [B] prompt length of each sequence, or None.
+        tie_flags: bool [T], optional: set (never cleared) for prompt positions whose selection kept
+            some but not all of several equal scores, i.e. whose choice depends on the row length.
     Returns:
         int32 [T, topk]: positions of the selected tokens; -1 where the context is shorter than topk.
 
@@ -92,6 +95,11 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
                 k_eff = min(topk, length)
                 vals, idx = row.topk(k_eff, dim=-1)
                 out[s + lo:s + hi, :k_eff] = torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
+                if tie_flags is not None and k_eff < length and length == row_len:
+                    # a tie straddles the boundary when an unselected score equals the k-th one
+                    kth = vals[:, -1:]
+                    straddles = ((row == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[:, 0])
+                    tie_flags[s + lo:s + hi] |= straddles
     return out
 
 

@@ -73,3 +73,15 @@ def test_greedy_single_and_concurrent_match(pair):
         assert o.token_ids == ref_tokens
         ours = [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)]
         assert max(abs(a - b) for a, b in zip(ours, ref_lps)) < 1e-4
+
+
+def test_prefix_cache_hits_from_other_prompt_lengths_match(pair):
+    """Prompts sharing a 48-token head but of different lengths: the second reuses the first's cached
+    blocks wherever that cannot change which tied index scores are kept, and still equals transformers."""
+    hf, llm = pair
+    head = _prompts(1, seed=11, lo=48, hi=49)[0]
+    first, second = head + _prompts(1, seed=12, lo=5, hi=6)[0], head + _prompts(1, seed=13, lo=19, hi=20)[0]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": first}], params)
+    out = llm.generate([{"prompt_token_ids": second}], params)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf, second, 8)[0]
