@@ -257,6 +257,7 @@ class EngineConfig:
     device: str
     seed: int = 0
     tokenizer_path: str | None = None
+    skip_tokenizer_init: bool = False  # token ids in and out, no text (vLLM's flag)
 
     def __post_init__(self):
         limit = self.model.max_position_embeddings

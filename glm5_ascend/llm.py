@@ -28,22 +28,29 @@ class LLM:
                  enable_prefix_caching: bool = True, tensor_parallel_size: int = 1, block_size: int = 128,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_chunked_prefill: bool = True,
-                 num_gpu_blocks_override: int | None = None, trust_remote_code: bool = False, **kwargs):
+                 num_gpu_blocks_override: int | None = None, trust_remote_code: bool = False,
+                 skip_tokenizer_init: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"LLM() got unsupported argument(s) {', '.join(sorted(kwargs))}; see docs/api.md")
         config = create_engine_config(
             resolve_model(model), tokenizer, dtype, device, max_model_len, seed, enable_prefix_caching,
             tensor_parallel_size, block_size, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
-            enable_chunked_prefill, num_gpu_blocks_override)
+            enable_chunked_prefill, num_gpu_blocks_override, skip_tokenizer_init=skip_tokenizer_init)
         self.llm_engine = LLMEngine(config)
         self._counter = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def _tokenizer(self):
+        if self.llm_engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} prompts, "
+                             "or LLM(..., tokenizer=PATH) for text")
+        return self.llm_engine.tokenizer
+
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.llm_engine.tokenizer.encode(prompt, add_special_tokens=True)
+            return prompt, self._tokenizer().encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         if isinstance(prompt, dict) and "prompt" in prompt:
@@ -81,7 +88,7 @@ class LLM:
              tools: list[dict] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.llm_engine.tokenizer
+        tok = self._tokenizer()
         prompts = []
         for conv in convs:
             ids = tok.apply_chat_template(conv, tools=tools, chat_template=chat_template,

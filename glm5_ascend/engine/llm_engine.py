@@ -25,7 +25,7 @@ def create_engine_config(model: str, tokenizer: str | None = None, dtype: str = 
                          tensor_parallel_size: int = 1, block_size: int = 128, max_num_seqs: int = 256,
                          max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                          enable_chunked_prefill: bool = True, num_gpu_blocks_override: int | None = None,
-                         enable_expert_parallel: bool = False) -> EngineConfig:
+                         enable_expert_parallel: bool = False, skip_tokenizer_init: bool = False) -> EngineConfig:
     """Engine configuration from vLLM-named arguments, validated."""
     mcfg = ModelConfig.from_pretrained(model)
     default = mcfg.torch_dtype()
@@ -42,7 +42,33 @@ def create_engine_config(model: str, tokenizer: str | None = None, dtype: str = 
         cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, num_gpu_blocks_override),
         scheduler=SchedulerConfig(max_num_seqs, batched, max_len, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size), dtype=torch_dtype, device=device, seed=seed,
-        tokenizer_path=tokenizer)
+        tokenizer_path=tokenizer, skip_tokenizer_init=skip_tokenizer_init)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(config: EngineConfig):
+    """The checkpoint's (or --tokenizer's) tokenizer; None when skipped or when the checkpoint has none.
+
+    A checkpoint written by transformers' save_pretrained alone carries no tokenizer: it still serves
+    token ids in and out (as vLLM's skip_tokenizer_init does), with a warning.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+    if config.skip_tokenizer_init:
+        return None
+    path = config.tokenizer_path or config.model_path
+    if config.tokenizer_path is None and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files: prompts must be token ids and outputs carry no text "
+                       "(pass tokenizer=PATH / --tokenizer for text)", path)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the path instead
+        raise ValueError(f"cannot load the tokenizer from {path} ({type(e).__name__}: {e}); "
+                         "pass a tokenizer directory with --tokenizer") from None
 
 
 @dataclass
@@ -57,11 +83,10 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
-        from transformers import AutoTokenizer
         self.config = config
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        self.tokenizer = tokenizer or load_tokenizer(config)
         eos = set(config.model.eos_token_id)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self.runner = ModelRunner(config, eos)
@@ -109,12 +134,15 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids)
         prompt_ids = [operator.index(t) for t in prompt_ids]
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
         arrival = arrival if arrival is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
             child = params if params.seed is None or params.n == 1 else params.clone(seed=params.seed + i)
             seq = Sequence(request_id, i, prompt_ids, child, arrival)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child.skip_special_tokens)
+            if self.tokenizer is not None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child.skip_special_tokens)
             if child.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device)
                 seq.generator.manual_seed(child.seed)
@@ -185,15 +213,14 @@ class LLMEngine:
             entry = {token: Logprob(s.logprobs[i], s.top[i][2])}
             for rank, (tid, lp) in enumerate(zip(s.top[i][0], s.top[i][1]), start=1):
                 entry.setdefault(tid, Logprob(lp, rank))
-            for tid, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            self._decode_tokens(entry)
             seq.logprobs.append(entry)
         new_chars = 0
         p = seq.params
         # vLLM never shows the text of the EOS / stop token that ends a sequence.
         ends_here = seq.num_output_tokens >= p.min_tokens and (
             (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids)
-        if p.detokenize and not (ends_here and not p.include_stop_str_in_output):
+        if seq.detok is not None and p.detokenize and not (ends_here and not p.include_stop_str_in_output):
             t0 = time.perf_counter()
             new_text = seq.detok.step(seq.token_ids)
             self.step_seconds["detokenize"] += time.perf_counter() - t0
@@ -218,10 +245,15 @@ class LLMEngine:
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            if stop_reason is None and p.detokenize and reason == "length":
+            if stop_reason is None and seq.detok is not None and p.detokenize and reason == "length":
                 seq.output_text += seq.detok.flush(seq.token_ids)
             self.scheduler.finish(seq, reason, stop_reason)
             self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
+
+    def _decode_tokens(self, entry: dict[int, Logprob]) -> None:
+        if self.tokenizer is not None:
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
 
     def _record_prompt_logprobs(self, result: StepResult) -> None:
         for seq, first, lps, top_ids, top_lps, ranks in result.prompt_logprobs:
@@ -230,8 +262,7 @@ class LLMEngine:
                 entry = {seq.token_ids[pos]: Logprob(lp, ranks[j])}
                 for rank, (tid, tlp) in enumerate(zip(top_ids[j], top_lps[j]), start=1):
                     entry.setdefault(tid, Logprob(tlp, rank))
-                for tid, logprob in entry.items():
-                    logprob.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+                self._decode_tokens(entry)
                 if pos < len(seq.prompt_logprobs):
                     seq.prompt_logprobs[pos] = entry
                 else:

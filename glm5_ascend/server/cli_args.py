@@ -202,6 +202,9 @@ def build_app_from_args(args: argparse.Namespace):
         args.tensor_parallel_size, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
         args.gpu_memory_utilization, args.enable_chunked_prefill, args.num_gpu_blocks_override)
     engine = LLMEngine(config)
+    if engine.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer and the server needs one (chat templates, text "
+                         "prompts, detokenized output); pass --tokenizer DIR")
     try:  # the server's own tokenizer: the step thread keeps the engine's to itself
         tokenizer = copy.deepcopy(engine.tokenizer)
     except Exception:  # noqa: BLE001 - sharing is safe for encode/decode, only slower under contention

@@ -20,7 +20,7 @@ CONFIGS = {
 }
 
 
-def make_reference(out_dir, name: str, seed: int = 0):
+def make_reference(out_dir, name: str, seed: int = 0, tokenizer: bool = True):
     """Build, perturb and save a tiny HF GLM-5; returns the float32 HF model (eval mode)."""
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
     torch.manual_seed(seed)
@@ -34,8 +34,9 @@ def make_reference(out_dir, name: str, seed: int = 0):
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.copy_(torch.randn_like(mod.e_score_correction_bias) * 0.1)
     model.save_pretrained(out_dir)
-    from glm5_ascend.model.tiny_tokenizer import write_tiny_tokenizer
-    write_tiny_tokenizer(out_dir)
+    if tokenizer:
+        from glm5_ascend.model.tiny_tokenizer import write_tiny_tokenizer
+        write_tiny_tokenizer(out_dir)
     return model
 
 

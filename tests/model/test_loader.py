@@ -150,3 +150,20 @@ def test_moe_layer_freq_follows_transformers(tiny):
     ours = ModelConfig.from_dict(raw).mlp_layer_types
     hf_raw = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
     assert list(ours) == GlmMoeDsaConfig(**hf_raw).mlp_layer_types == ["dense"] + ["sparse"] * 4
+
+
+def test_checkpoint_without_tokenizer_serves_token_ids(tmp_path):
+    """transformers' save_pretrained writes no tokenizer: token ids in and out still work, text is refused."""
+    from tests.model.hf_reference import make_reference
+    from glm5_ascend import SamplingParams
+    hf = make_reference(tmp_path, "shared_indexer", tokenizer=False)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", block_size=16)
+    out = llm.generate([{"prompt_token_ids": list(range(2, 30))}], SamplingParams(temperature=0, max_tokens=4))[0]
+    ref = hf.generate(torch.tensor([list(range(2, 30))]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.outputs[0].token_ids == ref[0, 28:].tolist() and out.outputs[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["text needs a tokenizer"])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate([{"prompt_token_ids": [3, 4]}], SamplingParams(stop=["x"]))
+    skip = LLM(str(tmp_path), dtype="float32", device="cpu", skip_tokenizer_init=True)
+    assert skip.get_tokenizer() is None
