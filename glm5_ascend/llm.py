@@ -53,14 +53,25 @@ class LLM:
             return prompt, self._tokenizer().encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, (list, tuple)):  # a bare list of token ids, as older vLLM scripts pass
+            return None, list(prompt)
         if isinstance(prompt, dict) and "prompt" in prompt:
             return self._prompt_ids(prompt["prompt"])
         raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
-    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order."""
-        if isinstance(prompts, (str, dict)):
+    def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False, prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        prompts: a string, a {"prompt_token_ids": [...]} dict, or a list of them (a list of token-id
+        lists also works); prompt_token_ids= is older vLLM's keyword for the latter.
+        """
+        if prompts is None and prompt_token_ids is not None:
+            prompts = [list(ids) for ids in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("generate() needs prompts")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                and not isinstance(prompts[0], (str, dict, list, tuple))):
             prompts = [prompts]
         prompts = list(prompts)
         params = sampling_params or SamplingParams()

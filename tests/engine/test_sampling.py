@@ -130,3 +130,13 @@ def test_numpy_token_ids_decoded_tokens_and_cumulative_logprob(llm):
     assert a.outputs[0].cumulative_logprob is not None and b.outputs[0].cumulative_logprob is None
     with pytest.raises(ValueError, match="must be integers"):
         llm.generate([{"prompt_token_ids": [1.5, 2]}])
+
+
+def test_prompt_forms_of_generate_agree(llm):
+    """Dict prompts, bare token-id lists (one or several) and older vLLM's prompt_token_ids= keyword."""
+    p = SamplingParams(temperature=0, max_tokens=3)
+    ids = list(range(40, 50))
+    want = llm.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids
+    assert llm.generate(ids, p)[0].outputs[0].token_ids == want
+    assert [o.outputs[0].token_ids for o in llm.generate([ids, ids], p)] == [want, want]
+    assert llm.generate(prompt_token_ids=[ids], sampling_params=p)[0].outputs[0].token_ids == want
