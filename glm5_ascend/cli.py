@@ -12,6 +12,7 @@ _COMMANDS = {
     "serve": ("glm5_ascend.server.cli_args", "serve the OpenAI-compatible HTTP API (like `vllm serve`)"),
     "generate": ("glm5_ascend.generate_cmd", "print a completion of --prompt"),
     "make-tiny": ("glm5_ascend.model.tiny_cmd", "write the built-in tiny GLM-5 checkpoint to a directory"),
+    "plan": ("glm5_ascend.launcher.plan", "whether a device layout fits the model, and a decode speed bound"),
 }
 _BENCH = {
     "serve": ("glm5_ascend.bench.serve", "benchmark a running vLLM-compatible server (like `vllm bench serve`)"),
