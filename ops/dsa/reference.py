@@ -74,19 +74,17 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
             continue
         n_q = end - start
         first_pos = ctx - n_q
-        prompt = prompts[b] if prompts is not None else ctx
-        row_len = prompt  # the row of every prompt position (a whole-prompt forward's length)
+        prompt = prompts[b] if prompts is not None else ctx  # every prompt position's row length
         keys = flat_keys[_gather_slots(block_tables, b, torch.arange(ctx, device=q.device), block_size)]
         key_t = keys.float().t()[None, None]  # [1, 1, D, ctx], as transformers lays it out
         q_pos = torch.arange(first_pos, ctx, device=q.device)
-        rows = max(1, _MAX_CHUNK_ELEMS // max(1, row_len * q.shape[1]))
+        rows = max(1, _MAX_CHUNK_ELEMS // max(1, max(prompt, ctx) * q.shape[1]))
         for s in range(start, end, rows):
             e = min(end, s + rows)
             scores = torch.relu(torch.matmul(q[s:e].float()[None], key_t) * softmax_scale)  # [1, n, H, ctx]
             scores = torch.matmul(weights[s:e].float()[None, :, None, :], scores)[0, :, 0]  # [n, ctx]
             pos = q_pos[s - start:e - start]
-            # generated positions rank over pos + 1 entries, prompt positions over row_len
-            for lo, hi, length in _row_groups(pos, prompt, row_len):
+            for lo, hi, length in _row_groups(pos, prompt):
                 row = torch.full((hi - lo, length), float("-inf"), device=q.device)
                 width = min(length, ctx)
                 row[:, :width] = scores[lo:hi, :width]
@@ -95,7 +93,7 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
                 k_eff = min(topk, length)
                 vals, idx = row.topk(k_eff, dim=-1)
                 out[s + lo:s + hi, :k_eff] = torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
-                if tie_flags is not None and k_eff < length and length == row_len:
+                if tie_flags is not None and k_eff < length and length == prompt:
                     # a tie straddles the boundary when an unselected score equals the k-th one
                     kth = vals[:, -1:]
                     straddles = ((row == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[:, 0])
@@ -103,12 +101,12 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
     return out
 
 
-def _row_groups(pos: torch.Tensor, prompt: int, row_len: int):
-    """(lo, hi, row length) runs over these query positions: prompt positions share row_len,
-    each generated position p has its own row of p + 1."""
+def _row_groups(pos: torch.Tensor, prompt: int):
+    """(lo, hi, row length) runs over these query positions: prompt positions share a row as long
+    as the prompt, each generated position p has its own row of p + 1."""
     p = pos.tolist()
     n_prompt = sum(1 for x in p if x < prompt)
-    groups = [(0, n_prompt, row_len)] if n_prompt else []
+    groups = [(0, n_prompt, prompt)] if n_prompt else []
     groups += [(i, i + 1, p[i] + 1) for i in range(n_prompt, len(p))]
     return groups
 
