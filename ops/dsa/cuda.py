@@ -23,6 +23,8 @@ CONFIG = {
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1,
 }
+# The register path ranks keys with 16-bit counters (topk_select_kernel), so rows it holds stay <= 2^15.
+_REG_MAX = 1 << 15
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
 
@@ -98,7 +100,7 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
         k.topk_select_kernel[(n,)](
             keys, out, cu_seqlens_q, seq_lens, t0, B, topk, keys.stride(0), out.stride(0),
             B_P=_p2(B, 2), CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"],
-            REG=min(cfg["topk_reg"], _p2(L)) if cfg["topk_reg"] else 16, num_warps=cfg["topk_warps"])
+            REG=min(cfg["topk_reg"], _REG_MAX, _p2(L)) if cfg["topk_reg"] else 16, num_warps=cfg["topk_warps"])
     return out
 
 

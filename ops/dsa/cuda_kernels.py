@@ -129,7 +129,19 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
                 cand = prefix | (1 << (31 - b))
                 if tl.sum((row_keys >= cand).to(tl.int32), axis=0) >= K:
                     prefix = cand
-            n_gt = tl.sum((row_keys > prefix).to(tl.int32), axis=0)
+            # Write out from registers too: one block-wide scan ranks both groups at once, the keys
+            # above thr in the low 16 bits and the ties at thr in the high 16 (REG <= 32768 keeps
+            # each count within its half; the int32 sum wraps, the bit pattern stays right).
+            inb = o_all < n
+            gt = inb & (row_keys > prefix)
+            eq = inb & (row_keys == prefix)
+            packed = gt.to(tl.int32) | (eq.to(tl.int32) << 16)
+            n_gt = tl.sum(packed & 0xFFFF, axis=0)
+            ranks = tl.cumsum(packed, axis=0)
+            r_gt = (ranks & 0xFFFF) - 1
+            r_eq = ((ranks >> 16) & 0xFFFF) - 1
+            tl.store(out + r_gt, o_all, mask=gt)
+            tl.store(out + n_gt + r_eq, o_all, mask=eq & (r_eq < K - n_gt))
         elif DIGIT <= 2:
             # Per-lane counters, reduced once a pass: a block-wide sum per chunk would cost more
             # than the compares themselves.
@@ -169,23 +181,23 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
                 d = tl.sum((suffix >= krem).to(tl.int32), axis=0) - 1
                 krem -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
                 prefix = prefix | (d.to(tl.uint32) << shift)
-        if n > REG:
+        if n > REG:  # stream the row once more from L2 and write the positions chunk by chunk
             n_gt = _count_ge(row, n, prefix, CHUNK, True)
-        krem = K - n_gt  # ties at thr to take, lowest positions first
-        cnt_gt = 0
-        cnt_eq = 0
-        for c0 in range(0, n, CHUNK):
-            o = c0 + offs
-            inb = o < n
-            key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
-            gt = inb & (key > prefix)
-            eq = inb & (key == prefix)
-            r_gt = cnt_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-            r_eq = cnt_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-            tl.store(out + r_gt, o, mask=gt)
-            tl.store(out + n_gt + r_eq, o, mask=eq & (r_eq < krem))
-            cnt_gt += tl.sum(gt.to(tl.int32), axis=0)
-            cnt_eq += tl.sum(eq.to(tl.int32), axis=0)
+            krem = K - n_gt  # ties at thr to take, lowest positions first
+            cnt_gt = 0
+            cnt_eq = 0
+            for c0 in range(0, n, CHUNK):
+                o = c0 + offs
+                inb = o < n
+                key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
+                gt = inb & (key > prefix)
+                eq = inb & (key == prefix)
+                r_gt = cnt_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+                r_eq = cnt_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+                tl.store(out + r_gt, o, mask=gt)
+                tl.store(out + n_gt + r_eq, o, mask=eq & (r_eq < krem))
+                cnt_gt += tl.sum(gt.to(tl.int32), axis=0)
+                cnt_eq += tl.sum(eq.to(tl.int32), axis=0)
 
 
 @triton.jit

@@ -17,11 +17,12 @@ __all__ = ["grouped_mlp", "moe_unpermute", "moe_route", "moe_permute", "ep_dispa
 
 # Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
 # "up" is the gate/up GEMM with SwiGLU fused, "down" the down projection. impl "triton" runs
-# grouped_gemm_kernel; "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate
+# grouped_gemm_kernel; bm2 > 0 lets a tile take that many rows past its bm (see the kernel);
+# "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate
 # Triton pass over the [N, 2I] product).
 CONFIG = {
     "up_impl": "triton", "down_impl": "triton",
-    "bm": 128, "up_bn": 128, "up_bk": 64, "up_warps": 8, "up_stages": 4,
+    "bm": 128, "bm2": 64, "up_bn": 128, "up_bk": 64, "up_warps": 8, "up_stages": 4,
     "down_bn": 256, "down_bk": 64, "down_warps": 8, "down_stages": 3, "group": 4, "order": "expert",
 }
 
@@ -57,6 +58,11 @@ def _order(counts: torch.Tensor, P: int, num_n: int, bm: int) -> torch.Tensor:
     return torch.stack([mt, local // n_m]).to(torch.int32)
 
 
+def _span() -> int:
+    """Rows a tile covers: bm, plus bm2 for the rows an expert has beyond a multiple of bm."""
+    return CONFIG["bm"] + CONFIG["bm2"]
+
+
 def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, stages):
     cfg = CONFIG
     if x.element_size() > 2:  # float32 tiles: half the K step and fewer stages fit shared memory
@@ -64,12 +70,13 @@ def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, sta
     k_dim = x.shape[1]
     num_n = triton.cdiv(n_out, bn)
     by_expert = cfg["order"] == "expert"
-    order = _order(counts, P, num_n, cfg["bm"]) if by_expert else tiles
+    order = _order(counts, P, num_n, _span()) if by_expert else tiles
     k.grouped_gemm_kernel[(P * num_n,)](
         x, w, out, tiles, P, x.shape[0], n_out, k_dim, up_off, x.stride(0), w.stride(0), w.stride(1),
-        out.stride(0), order, P * num_n, NUM_N=num_n, BM=cfg["bm"], BN=bn, BK=bk, GROUP=cfg["group"],
-        SWIGLU=swiglu, EVEN_K=k_dim % bk == 0, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BY_EXPERT=by_expert, num_warps=warps, num_stages=stages)
+        out.stride(0), order, P * num_n, NUM_N=num_n, BM=cfg["bm"], BM2=max(16, cfg["bm2"]), BN=bn, BK=bk,
+        GROUP=cfg["group"], SWIGLU=swiglu, EVEN_K=k_dim % bk == 0,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", BY_EXPERT=by_expert, REM=cfg["bm2"] > 0,
+        num_warps=warps, num_stages=stages)
 
 
 def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -93,7 +100,7 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
     use_mm = x.dtype == torch.bfloat16 and D % 8 == 0 and inter % 8 == 0  # _grouped_mm: bf16, 16-byte rows
     tiles = P = offs = None
     if not (use_mm and cfg["up_impl"] == "grouped_mm" and cfg["down_impl"] == "grouped_mm"):
-        tiles, P = _tiles(counts, N, cfg["bm"], cfg["group"])
+        tiles, P = _tiles(counts, N, _span(), cfg["group"])
     if use_mm and "grouped_mm" in (cfg["up_impl"], cfg["down_impl"]):
         offs = counts.cumsum(0).to(torch.int32)
     h = torch.empty((N, inter), dtype=x.dtype, device=x.device)

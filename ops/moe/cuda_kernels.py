@@ -6,18 +6,67 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_step, k_dim, BM: tl.constexpr, BM2: tl.constexpr,
+             BN: tl.constexpr, BK: tl.constexpr, REM: tl.constexpr, SWIGLU: tl.constexpr,
+             EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    """The K loop of one tile: x rows (a_ptrs) times a weight tile (g_ptrs, and the up rows
+    up_step further with SWIGLU); with REM also BM2 more rows (a2_ptrs) against the same weight
+    tiles, loaded once for both."""
+    offs_k = tl.arange(0, BK)
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    acc_g2 = tl.zeros([BM2, BN], tl.float32)
+    acc_u2 = tl.zeros([BM2, BN], tl.float32)
+    for k0 in range(0, k_dim, BK):
+        km = (k0 + offs_k) < k_dim
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=km[None, :], other=0.0)
+        acc_g = tl.dot(a, tl.trans(bg), acc_g, input_precision=PREC)
+        if REM:
+            if EVEN_K:
+                a2 = tl.load(a2_ptrs)
+            else:
+                a2 = tl.load(a2_ptrs, mask=km[None, :], other=0.0)
+            acc_g2 = tl.dot(a2, tl.trans(bg), acc_g2, input_precision=PREC)
+        if SWIGLU:
+            if EVEN_K:
+                bu = tl.load(g_ptrs + up_step)
+            else:
+                bu = tl.load(g_ptrs + up_step, mask=km[None, :], other=0.0)
+            acc_u = tl.dot(a, tl.trans(bu), acc_u, input_precision=PREC)
+            if REM:
+                acc_u2 = tl.dot(a2, tl.trans(bu), acc_u2, input_precision=PREC)
+        a_ptrs += BK
+        a2_ptrs += BK
+        g_ptrs += BK
+    if SWIGLU:
+        acc_g = acc_g * tl.sigmoid(acc_g) * acc_u
+        acc_g2 = acc_g2 * tl.sigmoid(acc_g2) * acc_u2
+    return acc_g, acc_g2
+
+
+@triton.jit
 def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out, k_dim, up_off,
                         s_x, s_we, s_wn, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, SWIGLU: tl.constexpr,
-                        EVEN_K: tl.constexpr, PREC: tl.constexpr, BY_EXPERT: tl.constexpr):
+                        BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                        SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                        BY_EXPERT: tl.constexpr, REM: tl.constexpr):
     """out[rows of expert e] = x[rows] @ w[e]^T (w[e]: [n_out (+ up_off), k_dim], k contiguous).
 
-    tiles_ptr holds [3, n_tiles_pad] int32: expert (-1 = unused), first row, end row of each M tile,
-    tiles sorted by expert. With SWIGLU the program also multiplies rows up_off.. of w[e] and writes
-    silu(gate) * up, so the [N, 2I] gate/up product never reaches memory. Program order: with
-    BY_EXPERT from order_ptr (expert by expert, N tile, then M tile fastest), else GROUP M tiles at
-    a time, M fastest; either way the M tiles of one expert run side by side and share each weight
-    tile through L2 (weights, not activations, dominate the bytes at GLM-5's ~128 rows/expert)."""
+    tiles_ptr holds [3, n_tiles_pad] int32: expert (-1 = unused), first row, end row of the expert,
+    for tiles of BM (+ BM2 with REM) rows sorted by expert. A tile multiplies its first BM rows, and
+    with REM its next BM2 rows when the expert has them: the rows an expert has beyond a multiple of BM
+    then share the weight tiles of the BM before them instead of costing a tile of their own, which
+    would read the weights once more and multiply mostly padding.
+    With SWIGLU the program also multiplies rows up_off.. of w[e] and writes silu(gate) * up, so the
+    [N, 2I] gate/up product never reaches memory. Program order: with BY_EXPERT from order_ptr
+    (expert by expert, N tile, then M tile fastest), else GROUP M tiles at a time, M fastest; either
+    way the tiles of one expert run side by side and share each weight tile through L2 (weights,
+    not activations, dominate the bytes at GLM-5's ~128 rows/expert)."""
     pid = tl.program_id(0)
     if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
         mt = tl.load(order_ptr + pid)
@@ -38,30 +87,19 @@ def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out,
         cols_c = tl.minimum(cols, n_out - 1).to(tl.int64)
         a_ptrs = x_ptr + rows_c[:, None] * s_x + offs_k[None, :]
         g_ptrs = w_ptr + e.to(tl.int64) * s_we + cols_c[:, None] * s_wn + offs_k[None, :]
-        acc_g = tl.zeros([BM, BN], tl.float32)
-        acc_u = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, k_dim, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                bg = tl.load(g_ptrs)
-            else:
-                km = (k0 + offs_k) < k_dim
-                a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
-                bg = tl.load(g_ptrs, mask=km[None, :], other=0.0)
-            acc_g = tl.dot(a, tl.trans(bg), acc_g, input_precision=PREC)
-            if SWIGLU:
-                if EVEN_K:
-                    bu = tl.load(g_ptrs + up_off * s_wn)
-                else:
-                    bu = tl.load(g_ptrs + up_off * s_wn, mask=km[None, :], other=0.0)
-                acc_u = tl.dot(a, tl.trans(bu), acc_u, input_precision=PREC)
-            a_ptrs += BK
-            g_ptrs += BK
-        if SWIGLU:
-            acc_g = acc_g * tl.sigmoid(acc_g) * acc_u
-        omask = (rows < r1)[:, None] & (cols < n_out)[None, :]
+        rows2 = r0 + BM + tl.arange(0, BM2)
+        a2_ptrs = x_ptr + tl.minimum(rows2, N - 1).to(tl.int64)[:, None] * s_x + offs_k[None, :]
+        if REM and (r1 > r0 + BM):
+            acc, acc2 = _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_off * s_wn, k_dim, BM, BM2, BN, BK, True,
+                                 SWIGLU, EVEN_K, PREC)
+            tl.store(out_ptr + rows2.to(tl.int64)[:, None] * s_o + cols[None, :],
+                     acc2.to(out_ptr.dtype.element_ty), mask=(rows2 < r1)[:, None] & (cols < n_out)[None, :])
+        else:
+            acc, acc2 = _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_off * s_wn, k_dim, BM, BM2, BN, BK, False,
+                                 SWIGLU, EVEN_K, PREC)
+        omask = (rows < tl.minimum(r1, r0 + BM))[:, None] & (cols < n_out)[None, :]
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_o + cols[None, :],
-                 acc_g.to(out_ptr.dtype.element_ty), mask=omask)
+                 acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit

@@ -254,7 +254,14 @@ def _moe_case(T, E, topk, D, inter, dtype, empty_experts=(), seed=0):
     return x, ids, w13, w2
 
 
-@pytest.mark.parametrize("impl", ["triton", "grouped_mm"])
+# "triton_rem": 16-row tiles that take up to 16 more rows each (CONFIG bm2), so small cases have
+# experts with rows past a tile, exactly at it, and short of it.
+_TRITON = {"up_impl": "triton", "down_impl": "triton"}
+IMPLS = {"triton": _TRITON, "grouped_mm": {"up_impl": "grouped_mm", "down_impl": "grouped_mm"},
+         "triton_rem": {**_TRITON, "bm": 16, "bm2": 16}}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,E,topk,D,inter,empty", [
     (37, 8, 2, 64, 32, (3, 5)),       # tiny-model sized, two experts with no rows
@@ -270,7 +277,7 @@ def test_grouped_mlp_small(impl, dtype, T, E, topk, D, inter, empty):
     want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
     cfg = moe().CONFIG
     old = dict(cfg)
-    cfg.update(up_impl=impl, down_impl=impl)
+    cfg.update(IMPLS[impl])
     try:
         got = moe().grouped_mlp(permuted, counts, w13, w2)
     finally:
@@ -285,10 +292,10 @@ def test_grouped_mlp_glm5_shape():
     x, ids, w13, w2 = _moe_case(300, 256, 8, 6144, 2048, torch.bfloat16, empty_experts=(7, 100))
     permuted, order, counts = moe_ref.moe_permute(x, ids, 256)
     want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
-    for impl in ("triton", "grouped_mm"):
+    for impl, extra in (("triton", {}), ("grouped_mm", {}), ("triton", {"bm2": 64})):
         cfg = moe().CONFIG
         old = dict(cfg)
-        cfg.update(up_impl=impl, down_impl=impl)
+        cfg.update(up_impl=impl, down_impl=impl, **extra)
         try:
             got = moe().grouped_mlp(permuted, counts, w13, w2)
         finally:
