@@ -19,12 +19,10 @@ from . import cuda_kernels as k
 # topk_reg: rows up to this many positions are selected in registers (0: always stream from L2).
 CONFIG = {
     "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
-    "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
+    "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 16, "topk_reg": 32768,
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1,
 }
-# The register path ranks keys with 16-bit counters (topk_select_kernel), so rows it holds stay <= 2^15.
-_REG_MAX = 1 << 15
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
 
@@ -89,6 +87,9 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     rows = max(1, min(T, _MAX_SCORE_ELEMS // max(1, L)))
     keys = torch.empty((rows, L), dtype=torch.int32, device=q.device)  # uint32 bits: sortable scores
     cfg = CONFIG
+    if topk + cfg["topk_chunk"] >= 1 << 16:  # the select ranks with 16-bit fields (topk_select_kernel)
+        raise ValueError(f"lightning_indexer (cuda): topk {topk} must be below {(1 << 16) - cfg['topk_chunk']}; "
+                         "use GLM5_OPS_BACKEND_LIGHTNING_INDEXER=reference for larger ones")
     for t0 in range(0, T, rows):
         n = min(T, t0 + rows) - t0
         k.indexer_scores_kernel[(n, triton.cdiv(L, cfg["indexer_chunk"]))](
@@ -100,7 +101,7 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
         k.topk_select_kernel[(n,)](
             keys, out, cu_seqlens_q, seq_lens, t0, B, topk, keys.stride(0), out.stride(0),
             B_P=_p2(B, 2), CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"],
-            REG=min(cfg["topk_reg"], _REG_MAX, _p2(L)) if cfg["topk_reg"] else 16, num_warps=cfg["topk_warps"])
+            REG=min(cfg["topk_reg"], _p2(L)) if cfg["topk_reg"] else 16, num_warps=cfg["topk_warps"])
     return out
 
 

@@ -71,10 +71,17 @@ def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr,
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         hi = tl.minimum(c0 + CHUNK, qpos + 1)
         row = score_ptr + (t - t_base).to(tl.int64) * s_score
+        # The block ids of the next tile are loaded a step ahead: a key tile's address then depends
+        # on no load of its own iteration, and Triton's pipeliner keeps several tiles in flight
+        # (with the lookup inside the iteration it waited for every copy before each tile).
+        pos = c0 + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=pos < hi, other=0)
         for n0 in range(c0, hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             inb = pos < hi
-            blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=inb, other=0).to(tl.int64)
+            blk = blk_next.to(tl.int64)
+            pos_next = pos + BLOCK_N
+            blk_next = tl.load(bt_ptr + seq * s_bt + pos_next // BLOCK_SIZE, mask=pos_next < hi, other=0)
             slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(cache_ptr + slot[:, None] * D + offs_d[None, :],
                         mask=inb[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, D_P]
@@ -103,11 +110,12 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
 
     Finds the K-th largest key thr = the largest value with count(key >= thr) >= K. A row of at
     most REG keys is held in registers and bisected bit by bit (no memory traffic per pass: the
-    decode case); longer rows stream from L2, DIGIT bits a pass from the top: with DIGIT <= 2 by counting keys above each of the 2^DIGIT - 1 candidates
-    (plain compares, cheap per element), otherwise by a histogram of the digit among keys that
-    match the prefix found so far. A last pass writes the positions above thr, then the
-    lowest-positioned ties at thr (the reference's tie-break). Positions come out ascending within
-    each of those two groups, not sorted by score (no consumer needs score order)."""
+    decode case); longer rows stream from L2, DIGIT bits a pass from the top: with DIGIT <= 2 by
+    counting keys above each of the 2^DIGIT - 1 candidates (plain compares, cheap per element),
+    otherwise by a histogram of the digit among keys that match the prefix found so far. A last
+    pass writes the positions above thr, then the lowest-positioned ties at thr (the reference's
+    tie-break). Positions come out ascending within each of those two groups, not sorted by score
+    (no consumer needs score order)."""
     t = t_base + tl.program_id(0)
     seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
     n = qpos + 1  # causal: exactly positions 0..qpos are candidates
@@ -129,19 +137,7 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
                 cand = prefix | (1 << (31 - b))
                 if tl.sum((row_keys >= cand).to(tl.int32), axis=0) >= K:
                     prefix = cand
-            # Write out from registers too: one block-wide scan ranks both groups at once, the keys
-            # above thr in the low 16 bits and the ties at thr in the high 16 (REG <= 32768 keeps
-            # each count within its half; the int32 sum wraps, the bit pattern stays right).
-            inb = o_all < n
-            gt = inb & (row_keys > prefix)
-            eq = inb & (row_keys == prefix)
-            packed = gt.to(tl.int32) | (eq.to(tl.int32) << 16)
-            n_gt = tl.sum(packed & 0xFFFF, axis=0)
-            ranks = tl.cumsum(packed, axis=0)
-            r_gt = (ranks & 0xFFFF) - 1
-            r_eq = ((ranks >> 16) & 0xFFFF) - 1
-            tl.store(out + r_gt, o_all, mask=gt)
-            tl.store(out + n_gt + r_eq, o_all, mask=eq & (r_eq < K - n_gt))
+            n_gt = tl.sum(((row_keys > prefix) & (o_all < n)).to(tl.int32), axis=0)
         elif DIGIT <= 2:
             # Per-lane counters, reduced once a pass: a block-wide sum per chunk would cost more
             # than the compares themselves.
@@ -181,23 +177,29 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
                 d = tl.sum((suffix >= krem).to(tl.int32), axis=0) - 1
                 krem -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
                 prefix = prefix | (d.to(tl.uint32) << shift)
-        if n > REG:  # stream the row once more from L2 and write the positions chunk by chunk
+        if n > REG:
             n_gt = _count_ge(row, n, prefix, CHUNK, True)
-            krem = K - n_gt  # ties at thr to take, lowest positions first
-            cnt_gt = 0
-            cnt_eq = 0
-            for c0 in range(0, n, CHUNK):
-                o = c0 + offs
-                inb = o < n
-                key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
-                gt = inb & (key > prefix)
-                eq = inb & (key == prefix)
-                r_gt = cnt_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-                r_eq = cnt_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-                tl.store(out + r_gt, o, mask=gt)
-                tl.store(out + n_gt + r_eq, o, mask=eq & (r_eq < krem))
-                cnt_gt += tl.sum(gt.to(tl.int32), axis=0)
-                cnt_eq += tl.sum(eq.to(tl.int32), axis=0)
+        # Write the positions: stream the row once more (from L2) CHUNK keys at a time; one scan
+        # ranks both groups, keys above thr in the low 16 bits and ties at thr in the high 16.
+        # Fields stay below 2^16: keys above thr number < K, and the tie count carried between
+        # chunks is capped at krem (later ties are not taken anyway), so K + CHUNK < 2^16 is enough
+        # (the wrapper checks). A scan over the whole register-held row would spill registers.
+        krem = K - n_gt  # ties at thr to take, lowest positions first
+        cnt = 0
+        for c0 in range(0, n, CHUNK):
+            o = c0 + offs
+            inb = o < n
+            key = tl.load(row + o, mask=inb, other=0).to(tl.uint32, bitcast=True)
+            gt = inb & (key > prefix)
+            eq = inb & (key == prefix)
+            packed = gt.to(tl.int32) | (eq.to(tl.int32) << 16)
+            ranks = cnt + tl.cumsum(packed, axis=0)
+            r_gt = (ranks & 0xFFFF) - 1
+            r_eq = ((ranks >> 16) & 0xFFFF) - 1
+            tl.store(out + r_gt, o, mask=gt)
+            tl.store(out + n_gt + r_eq, o, mask=eq & (r_eq < krem))
+            cnt += tl.sum(packed, axis=0)
+            cnt = (cnt & 0xFFFF) | (tl.minimum((cnt >> 16) & 0xFFFF, krem) << 16)
 
 
 @triton.jit
