@@ -55,7 +55,7 @@ def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr,
                           t_base, B, s_qt, s_qh, s_wt, s_bt, s_score, scale,
                           H: tl.constexpr, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
                           B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CHUNK: tl.constexpr, PREC: tl.constexpr):
+                          CHUNK: tl.constexpr, PREC: tl.constexpr, WHOLE: tl.constexpr, NBC: tl.constexpr):
     """keys[t - t_base, j] = sortable(sum_h w[t,h] relu(scale q[t,h].k[j])) for j <= pos(t) (uint32).
 
     Grid (tokens, context chunks). Scores are K @ q^T so the MMA's M side is the BLOCK_N keys
@@ -71,17 +71,25 @@ def indexer_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, cu_ptr, seq_lens_ptr,
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         hi = tl.minimum(c0 + CHUNK, qpos + 1)
         row = score_ptr + (t - t_base).to(tl.int64) * s_score
-        # The block ids of the next tile are loaded a step ahead: a key tile's address then depends
-        # on no load of its own iteration, and Triton's pipeliner keeps several tiles in flight
-        # (with the lookup inside the iteration it waited for every copy before each tile).
-        pos = c0 + tl.arange(0, BLOCK_N)
-        blk_next = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=pos < hi, other=0)
+        # A key tile's address must not hang on a load of its own iteration: Triton's pipeliner then
+        # waits for every copy before each tile. With WHOLE (tiles never straddle cache blocks) the
+        # chunk's block ids are read once up front; otherwise the next tile's are read a step ahead.
+        if WHOLE:
+            offs_b = tl.arange(0, NBC)
+            ids = tl.load(bt_ptr + seq * s_bt + c0 // BLOCK_SIZE + offs_b,
+                          mask=c0 + offs_b * BLOCK_SIZE < hi, other=0)
+        else:
+            pos = c0 + tl.arange(0, BLOCK_N)
+            blk_next = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=pos < hi, other=0)
         for n0 in range(c0, hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             inb = pos < hi
-            blk = blk_next.to(tl.int64)
-            pos_next = pos + BLOCK_N
-            blk_next = tl.load(bt_ptr + seq * s_bt + pos_next // BLOCK_SIZE, mask=pos_next < hi, other=0)
+            if WHOLE:
+                blk = tl.sum(tl.where(offs_b == (n0 - c0) // BLOCK_SIZE, ids, 0), axis=0).to(tl.int64)
+            else:
+                blk = blk_next.to(tl.int64)
+                pos_next = pos + BLOCK_N
+                blk_next = tl.load(bt_ptr + seq * s_bt + pos_next // BLOCK_SIZE, mask=pos_next < hi, other=0)
             slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(cache_ptr + slot[:, None] * D + offs_d[None, :],
                         mask=inb[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, D_P]
