@@ -19,7 +19,7 @@ from . import cuda_kernels as k
 # topk_reg: rows up to this many positions are selected in registers (0: always stream from L2).
 CONFIG = {
     "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
-    "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 16, "topk_reg": 32768,
+    "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1,
 }
