@@ -186,6 +186,35 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
+try:  # the read-only ceiling needs Triton, which CPU-only hosts may lack (only GPUs measure it)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(ITERS):
+            o = base + i * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+except ImportError:
+    _read_kernel = None
+
+
+def measure_read_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Bytes/s of one pass that only reads 4 GiB of bf16: the ceiling of ops that mostly read
+    (the copy's figure also pays for writing). 0.0 where Triton is missing."""
+    if _read_kernel is None:
+        return 0.0
+    x = torch.randn(1 << 31, device=device, dtype=torch.bfloat16)
+    block, iters = 4096, 16
+    grid = -(-x.numel() // (block * iters))
+    part = torch.empty(grid, device=device)
+    t = timer(lambda: _read_kernel[(grid,)](x, part, x.numel(), BLOCK=block, ITERS=iters, num_warps=8), 20)
+    return x.numel() * 2 / t
+
+
 def measure_peaks(device: torch.device, timer: Timer) -> tuple[float, float]:
     """(bytes/s of a 2 GiB device copy, read + write; FLOP/s of an 8192^3 bf16 matmul on random data)."""
     bufs = [torch.randn(1 << 29, device=device)]
@@ -299,8 +328,11 @@ def main(args: argparse.Namespace) -> int:
         if device.index is not None:
             torch.cuda.set_device(device)
         peaks = measure_peaks(device, timer)
+        read = measure_read_bandwidth(device, timer)
+        torch.cuda.empty_cache()
         header = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}. Measured ceilings: "
-                  f"HBM copy {peaks[0] / 1e12:.2f} TB/s, bf16 matmul 8192^3 {peaks[1] / 1e12:.0f} TFLOP/s. "
+                  f"HBM copy {peaks[0] / 1e12:.2f} TB/s (% column), HBM read-only {read / 1e12:.2f} TB/s, "
+                  f"bf16 matmul 8192^3 {peaks[1] / 1e12:.0f} TFLOP/s. "
                   f"Median of {args.iters} calls (reference: {max(3, args.iters // 10)}), L2 flushed before each.")
     else:
         peaks = (float("nan"), float("nan"))
