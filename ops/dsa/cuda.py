@@ -91,8 +91,8 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
         raise ValueError(f"lightning_indexer (cuda): topk {topk} must be below {(1 << 16) - cfg['topk_chunk']}; "
                          "use GLM5_OPS_BACKEND_LIGHTNING_INDEXER=reference for larger ones")
     # Tiles that never straddle a cache block read each chunk's block ids once (indexer_scores_kernel).
-    whole = (block_size % cfg["indexer_block_n"] == 0 and cfg["indexer_chunk"] % block_size == 0
-             and (cfg["indexer_chunk"] // block_size) & (cfg["indexer_chunk"] // block_size - 1) == 0)
+    nbc = max(1, cfg["indexer_chunk"] // block_size)
+    whole = block_size % cfg["indexer_block_n"] == 0 and cfg["indexer_chunk"] % block_size == 0 and nbc & (nbc - 1) == 0
     for t0 in range(0, T, rows):
         n = min(T, t0 + rows) - t0
         k.indexer_scores_kernel[(n, triton.cdiv(L, cfg["indexer_chunk"]))](
@@ -100,7 +100,7 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
             q.stride(0), q.stride(1), weights.stride(0), block_tables.stride(0), keys.stride(0),
             float(softmax_scale), H=H, D=D, H_P=_p2(H), D_P=_p2(D), B_P=_p2(B, 2),
             BLOCK_SIZE=block_size, BLOCK_N=cfg["indexer_block_n"], CHUNK=cfg["indexer_chunk"],
-            PREC=_prec(q.dtype), WHOLE=whole, NBC=max(1, cfg["indexer_chunk"] // block_size),
+            PREC=_prec(q.dtype), WHOLE=whole, NBC=nbc,
             num_warps=cfg["indexer_warps"], num_stages=cfg["indexer_stages"])
         k.topk_select_kernel[(n,)](
             keys, out, cu_seqlens_q, seq_lens, t0, B, topk, keys.stride(0), out.stride(0),

@@ -17,9 +17,9 @@ __all__ = ["grouped_mlp", "moe_unpermute", "moe_route", "moe_permute", "ep_dispa
 
 # Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
 # "up" is the gate/up GEMM with SwiGLU fused, "down" the down projection. impl "triton" runs
-# grouped_gemm_kernel; bm2 > 0 lets a tile take that many rows past its bm (see the kernel);
-# "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate
-# Triton pass over the [N, 2I] product).
+# grouped_gemm_kernel, whose tiles take up to bm2 rows past their bm (0: none; see the kernel);
+# "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate Triton pass over the
+# [N, 2I] product).
 CONFIG = {
     "up_impl": "triton", "down_impl": "triton",
     "bm": 128, "bm2": 64, "up_bn": 128, "up_bk": 64, "up_warps": 8, "up_stages": 4,

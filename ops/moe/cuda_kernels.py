@@ -59,14 +59,14 @@ def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out,
 
     tiles_ptr holds [3, n_tiles_pad] int32: expert (-1 = unused), first row, end row of the expert,
     for tiles of BM (+ BM2 with REM) rows sorted by expert. A tile multiplies its first BM rows, and
-    with REM its next BM2 rows when the expert has them: the rows an expert has beyond a multiple of BM
-    then share the weight tiles of the BM before them instead of costing a tile of their own, which
-    would read the weights once more and multiply mostly padding.
-    With SWIGLU the program also multiplies rows up_off.. of w[e] and writes silu(gate) * up, so the
-    [N, 2I] gate/up product never reaches memory. Program order: with BY_EXPERT from order_ptr
-    (expert by expert, N tile, then M tile fastest), else GROUP M tiles at a time, M fastest; either
-    way the tiles of one expert run side by side and share each weight tile through L2 (weights,
-    not activations, dominate the bytes at GLM-5's ~128 rows/expert)."""
+    with REM its next BM2 rows when the expert has them: the rows an expert has beyond a multiple of
+    BM then share the weight tiles of the BM before them instead of costing a tile of their own,
+    which would read the weights once more and multiply mostly padding. With SWIGLU the program
+    also multiplies rows up_off.. of w[e] and writes silu(gate) * up, so the [N, 2I] gate/up
+    product never reaches memory. Program order: with BY_EXPERT from order_ptr (expert by expert,
+    N tile, then M tile fastest), else GROUP M tiles at a time, M fastest; either way the tiles of
+    one expert run side by side and share each weight tile through L2 (weights, not activations,
+    dominate the bytes at GLM-5's ~128 rows/expert)."""
     pid = tl.program_id(0)
     if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
         mt = tl.load(order_ptr + pid)

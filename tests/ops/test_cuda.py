@@ -173,7 +173,8 @@ def test_lightning_indexer_ties_break_to_lower_position(dtype, topk_path):
         p = torch.arange(pos[t] + 1)
         slots = tables[seq[t], p // bs].long().cpu() * bs + p % bs
         keys = flat.double()[slots.to(flat.device)]
-        s = (w[t].double()[:, None] * torch.relu(torch.einsum("hd,jd->hj", q[t].double(), keys) * 32 ** -0.5)).sum(0).cpu()
+        s = torch.relu(torch.einsum("hd,jd->hj", q[t].double(), keys) * 32 ** -0.5)
+        s = (w[t].double()[:, None] * s).sum(0).cpu()
         keep = min(128, p.numel())
         thr = s.topk(keep).values[-1]
         above = p[s > thr].tolist()
