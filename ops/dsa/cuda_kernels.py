@@ -141,11 +141,22 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
         if n <= REG:  # the row fits in registers: read it once and bisect on the key bits
             o_all = tl.arange(0, REG)
             row_keys = tl.load(row + o_all, mask=o_all < n, other=0).to(tl.uint32, bitcast=True)  # 0: never K-th
-            for b in tl.static_range(32):
-                cand = prefix | (1 << (31 - b))
-                if tl.sum((row_keys >= cand).to(tl.int32), axis=0) >= K:
+            # Stop early once some candidate has exactly K keys at or above it: those keys are the
+            # top K (no tie straddles the boundary), and thr = cand - 1 selects exactly them. With
+            # distinct scores that comes after about half of the 32 steps.
+            bit = tl.full([], 31, tl.int32)
+            c = K - 1
+            while (bit >= 0) & (c != K):
+                cand = prefix | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+                c = tl.sum((row_keys >= cand).to(tl.int32), axis=0)
+                if c >= K:
                     prefix = cand
-            n_gt = tl.sum(((row_keys > prefix) & (o_all < n)).to(tl.int32), axis=0)
+                bit -= 1
+            if c == K:
+                prefix = prefix - 1
+                n_gt = K
+            else:
+                n_gt = tl.sum(((row_keys > prefix) & (o_all < n)).to(tl.int32), axis=0)
         elif DIGIT <= 2:
             # Per-lane counters, reduced once a pass: a block-wide sum per chunk would cost more
             # than the compares themselves.
