@@ -184,6 +184,12 @@ def test_lightning_indexer_ties_break_to_lower_position(dtype, topk_path):
     assert tied, "no token's K-th score fell on the zero ties: the case tests nothing"
 
 
+def test_lightning_indexer_refuses_topk_past_its_16_bit_ranks():
+    args = _indexer_case([40], [1], 4, 32, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="GLM5_OPS_BACKEND_LIGHTNING_INDEXER=reference"):
+        dsa().lightning_indexer(*args, 62000, 32 ** -0.5)
+
+
 @big
 @pytest.mark.parametrize("ctx_lens,q_lens", [
     ([32768, 5000, 2048, 2047, 2049, 130], [1] * 6),      # decode, around topk and block edges
