@@ -156,16 +156,20 @@ def test_lightning_indexer_small(case, dtype, topk_path):
     _check_selection(got, *args, topk, D ** -0.5)
 
 
+@pytest.mark.parametrize("ctx_lens,q_lens,topk", [
+    ([300, 200], [3, 1], 128),
+    ([9000], [1], 6000),  # the ties span the select's 4096-key writeout chunks
+])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lightning_indexer_ties_break_to_lower_position(dtype, topk_path):
+def test_lightning_indexer_ties_break_to_lower_position(ctx_lens, q_lens, topk, dtype, topk_path):
     """Zero keys score exactly 0 (all ReLU terms vanish): the K-th score is a tie shared by many keys,
     and the cuda backend takes the tied positions lowest first (module docstring of ops/dsa/cuda.py;
     the reference follows torch.topk's order instead, which differs between devices)."""
-    q, w, cache, tables, cu, seq_lens = _indexer_case([300, 200], [3, 1], 4, 32, 128, 16, dtype, seed=7)
+    q, w, cache, tables, cu, seq_lens = _indexer_case(ctx_lens, q_lens, 4, 32, topk, 16, dtype, seed=7)
     w = w.abs()  # scores >= 0, so every zero key sits at the bottom as a tie
     flat = cache.view(-1, cache.shape[-1])
     flat[torch.randperm(flat.shape[0], device=DEV)[: flat.shape[0] // 2]] = 0
-    got = dsa().lightning_indexer(q, w, cache, tables, cu, seq_lens, 128, 32 ** -0.5).cpu()
+    got = dsa().lightning_indexer(q, w, cache, tables, cu, seq_lens, topk, 32 ** -0.5).cpu()
     pos, seq = _query_positions(cu, seq_lens)
     bs = cache.shape[1]
     tied = 0
@@ -175,7 +179,7 @@ def test_lightning_indexer_ties_break_to_lower_position(dtype, topk_path):
         keys = flat.double()[slots.to(flat.device)]
         s = torch.relu(torch.einsum("hd,jd->hj", q[t].double(), keys) * 32 ** -0.5)
         s = (w[t].double()[:, None] * s).sum(0).cpu()
-        keep = min(128, p.numel())
+        keep = min(topk, p.numel())
         thr = s.topk(keep).values[-1]
         above = p[s > thr].tolist()
         tied += int(thr == 0 and len(above) < keep)
