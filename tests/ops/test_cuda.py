@@ -1,7 +1,8 @@
 """The cuda backend (Triton / torch fast paths) against the reference, on a CUDA GPU.
 
 Skipped without a GPU. With TRITON_INTERPRET=1 and triton installed, the small cases also run on the
-CPU through Triton's interpreter (slow; for developing kernels without a GPU).
+CPU through Triton's interpreter (slow; for developing kernels without a GPU). Triton 3.6's
+interpreter needs NumPy < 2.4 (with 2.4 it fails converting loop bounds to Python ints).
 
 Tolerances, per dtype (relative Frobenius error ||out - ref|| / ||ref|| unless said otherwise):
   bf16 attention / grouped MLP outputs: 2e-2 (bf16 rounding of P / of the intermediate), against a
