@@ -24,7 +24,7 @@ from glm5_ascend import envs
 
 BACKENDS = ("reference", "npu", "cuda")
 _FAMILY = {
-    "mla_cache_write": "dsa", "lightning_indexer": "dsa", "sparse_mla_attention": "dsa",
+    "interleaved_rope": "dsa", "mla_cache_write": "dsa", "lightning_indexer": "dsa", "sparse_mla_attention": "dsa",
     "moe_route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_mlp": "moe",
     "ep_dispatch": "moe", "ep_combine": "moe",
 }
@@ -68,6 +68,11 @@ def resolve(op: str, device_type: str) -> tuple[str, object]:
 
 def _call(op: str, device: torch.device, *args, **kwargs):
     return resolve(op, device.type)[1](*args, **kwargs)
+
+
+def interleaved_rope(x, cos, sin):
+    """GLM-5's interleaved RoPE of x [T, ..., D] with cos / sin [T, D/2]; see ops/dsa/reference.py."""
+    return _call("interleaved_rope", x.device, x, cos, sin)
 
 
 def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_cache, index_cache):

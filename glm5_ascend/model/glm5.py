@@ -63,7 +63,7 @@ class Indexer(nn.Module):
 
     def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # The indexer rotates the *first* rope_dim dims (MLA rotates the last ones).
-        return torch.cat([InterleavedRope.apply(x[..., :self.rope_dim], cos, sin), x[..., self.rope_dim:]], -1)
+        return torch.cat([ops.interleaved_rope(x[..., :self.rope_dim], cos, sin), x[..., self.rope_dim:]], -1)
 
     def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Index key [T, D] of each new token (LayerNorm with bias, then RoPE)."""
@@ -103,8 +103,8 @@ class MLAttention(nn.Module):
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rot = InterleavedRope.apply(q_rot, cos, sin)
-        k_rot = InterleavedRope.apply(k_rot, cos, sin)
+        q_rot = ops.interleaved_rope(q_rot, cos, sin)
+        k_rot = ops.interleaved_rope(k_rot, cos, sin)
         index_k = self.indexer.key(x, cos, sin) if self.indexer is not None else None
         ops.mla_cache_write(latent, k_rot, index_k, meta.slot_mapping, cache.latent, cache.rope,
                             cache.index if self.indexer is not None else None)

@@ -1,4 +1,4 @@
-"""Building blocks: tensor-parallel linear / embedding layers, norms and interleaved RoPE.
+"""Building blocks: tensor-parallel linear / embedding layers, norms and RoPE frequencies.
 
 Each parameter carries a `weight_loader(param, loaded)` that copies this rank's shard, so the
 checkpoint loader stays a name lookup. Collectives run inside forward, in plain sight.
@@ -120,11 +120,8 @@ class LayerNorm(nn.Module):
 
 
 class InterleavedRope(nn.Module):
-    """GLM-5 RoPE: pairs (x0, x1), (x2, x3)... rotate together.
-
-    The rotated vector is stored de-interleaved (evens then odds), as the reference does; queries
-    and keys share the layout, so dot products equal those of true interleaved RoPE.
-    """
+    """GLM-5 RoPE frequencies: cos / sin [T, dim/2] of each position, for ops.interleaved_rope
+    (pairs (x0, x1), (x2, x3)... rotate together)."""
 
     def __init__(self, dim: int, rope_parameters: dict, max_position: int, hf_fields: dict):
         super().__init__()
@@ -143,11 +140,3 @@ class InterleavedRope(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[:, None].float() * self.inv_freq.float()
         return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, ..., dim]; cos/sin: [T, dim/2]."""
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-        c, s = cos.view(shape), sin.view(shape)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

@@ -14,6 +14,8 @@ import torch
 import triton
 
 from . import cuda_kernels as k
+from .reference import interleaved_rope  # noqa: F401  (elementwise: torch is fine; re-exported so
+#                                          GLM5_OPS_BACKEND=cuda covers every op the model calls)
 
 # Launch settings, tuned on an H200 (docs/benchmarks.md); glm5-ascend bench ops may override them.
 # topk_reg: rows up to this many positions are selected in registers (0: always stream from L2).

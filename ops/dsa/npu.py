@@ -44,6 +44,29 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
+# npu_interleave_rope rotates rows of exactly this many dims (GLM-5's and DeepSeek's rope dim).
+_ROPE_KERNEL_DIM = 64
+
+
+def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-5's RoPE of x [T, ..., D] with cos / sin [T, D/2], via npu_interleave_rope when D = 64.
+
+    The kernel takes x as [B, N, S, D] and cos / sin as [B, 1, S, D], de-interleaves x (evens, then
+    odds) and applies rotate-half RoPE: exactly our layout and math, with the half-width cos / sin
+    repeated to the full width. Each token is one B row (S = 1), its heads the N axis. Other widths
+    run the reference math (the kernel has no other).
+    """
+    T, D = x.shape[0], x.shape[-1]
+    if D != _ROPE_KERNEL_DIM or T == 0:
+        from .reference import interleaved_rope as ref
+        return ref(x, cos, sin)
+    _check_dtype("interleaved_rope", x)
+    c = torch.cat([cos, cos], dim=-1).to(x.dtype).view(T, 1, 1, D)
+    s = torch.cat([sin, sin], dim=-1).to(x.dtype).view(T, 1, 1, D)
+    y = torch_npu.npu_interleave_rope(x.reshape(T, -1, 1, D).contiguous(), c, s)
+    return y.view(x.shape)
+
+
 def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
                     slot_mapping: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,
                     index_cache: torch.Tensor | None) -> None:

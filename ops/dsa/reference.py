@@ -23,6 +23,18 @@ def _gather_slots(block_tables: torch.Tensor, seq_ids: torch.Tensor, pos: torch.
     return blocks * block_size + pos % block_size
 
 
+def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-5's RoPE on x [T, ..., D] with cos / sin [T, D/2]: pairs (x0, x1), (x2, x3)... rotate together.
+
+    The result is stored de-interleaved (the rotated evens, then the rotated odds), as transformers
+    does; queries and keys share the layout, so their dot products equal true interleaved RoPE's.
+    """
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
 def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
                     slot_mapping: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,
                     index_cache: torch.Tensor | None) -> None:

@@ -207,3 +207,20 @@ def test_fp32_dsa_inputs_are_refused_on_npu(npu_backend, device):
     q, w, cache = _dsa_inputs(batch, torch.float32, device, seed=20)
     with pytest.raises(TypeError, match="bfloat16"):
         ops.lightning_indexer(q, w, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 4, 0.25)
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (5, 4, 64), (3, 2, 32), (0, 64)],
+                         ids=["key", "heads", "not-64-wide", "empty"])
+def test_interleaved_rope(npu_backend, dtype, device, shape):
+    """npu_interleave_rope where the row is its 64 wide; the reference math for other widths."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(shape, generator=gen).to(dtype).to(device)
+    angle = torch.randn(shape[0], shape[-1] // 2, generator=gen)
+    cos, sin = angle.cos().to(dtype).to(device), angle.sin().to(dtype).to(device)
+    assert ops.resolve("interleaved_rope", device.type)[0] == "npu"
+    got = ops.interleaved_rope(x, cos, sin)
+    want = dsa_ref.interleaved_rope(x.float().cpu(), cos.float().cpu(), sin.float().cpu())
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+    if device.type == "cpu":
+        assert npu_backend.calls["npu_interleave_rope"] == (1 if shape[-1] == 64 and shape[0] else 0)

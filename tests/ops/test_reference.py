@@ -98,6 +98,24 @@ def test_sparse_mla_attention_matches_dense_masked(dsa_batch):
                                                 batch.seq_lens, idx, 0.3), out)
 
 
+def test_interleaved_rope_rotates_adjacent_pairs():
+    """Pair (x[2i], x[2i+1]) is the complex number x[2i] + j x[2i+1] turned by angle[i]; the result
+    holds the real parts, then the imaginary ones. So q.k after RoPE depends on the angle difference."""
+    gen = torch.Generator().manual_seed(5)
+    T, H, D = 6, 3, 16
+    x = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    angle = torch.randn(T, D // 2, generator=gen, dtype=torch.float64)
+    got = dsa.interleaved_rope(x, angle.cos(), angle.sin())
+    z = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.polar(torch.ones_like(angle), angle)[:, None, :]
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1))
+    k = torch.randn(D, generator=gen, dtype=torch.float64).expand(T, D)
+    shift = angle + 0.7  # both turned by 0.7 more: every q.k stays
+    qk = (got[:, 0] * dsa.interleaved_rope(k, angle.cos(), angle.sin())).sum(-1)
+    qk_shifted = (dsa.interleaved_rope(x[:, 0], shift.cos(), shift.sin())
+                  * dsa.interleaved_rope(k, shift.cos(), shift.sin())).sum(-1)
+    torch.testing.assert_close(qk, qk_shifted)
+
+
 def test_mla_cache_write_hits_slots_and_skips_padding():
     batch = make_batch([3, 2], [10, 5], 4)
     gen = torch.Generator().manual_seed(3)

@@ -15,14 +15,15 @@ import importlib.util
 import sys
 import types
 
-from .dsa import (npu_lightning_indexer, npu_scatter_nd_update_, npu_scatter_pa_kv_cache,
+from .dsa import (npu_interleave_rope, npu_lightning_indexer, npu_scatter_nd_update_, npu_scatter_pa_kv_cache,
                   npu_sparse_flash_attention)
 from .mc2 import npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2, register_group
 from .moe import (npu_grouped_matmul, npu_moe_gating_top_k, npu_moe_init_routing_v2, npu_moe_token_unpermute,
                   npu_swiglu)
 
 OPS = (
-    "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_scatter_pa_kv_cache", "npu_scatter_nd_update_",
+    "npu_interleave_rope", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_scatter_pa_kv_cache",
+    "npu_scatter_nd_update_",
     "npu_moe_gating_top_k", "npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
     "npu_moe_token_unpermute", "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2",
 )

@@ -158,3 +158,18 @@ def npu_scatter_nd_update_(self, indices, updates):
     require(bool(((rows >= 0) & (rows < self.shape[0])).all()), op, "index out of range")
     self.index_copy_(0, rows, updates)
     return self
+
+
+def npu_interleave_rope(x, cos, sin):
+    """-> y like x. x [B, N, S, 64]; cos / sin [B, 1, S or 1, 64]: de-interleave the last dim
+    (reshape to [..., 32, 2], swap the last two axes), then q * cos + RotateHalf(q) * sin."""
+    op = "npu_interleave_rope"
+    require(x.dim() == 4 and cos.dim() == 4 and sin.shape == cos.shape, op, "x, cos and sin must be 4-D, cos like sin")
+    B, N, S, D = x.shape
+    require(D == 64 and cos.shape[3] == 64, op, f"the last dim must be 64, got {D} and {cos.shape[3]}")
+    require(cos.shape[0] == B and cos.shape[1] == 1 and cos.shape[2] in (1, S), op,
+            f"cos must be [B={B}, 1, 1 or S={S}, 64], got {tuple(cos.shape)}")
+    require(x.dtype in HALF_OR_FP32 and cos.dtype == sin.dtype == x.dtype, op, "x, cos and sin must share a dtype: bf16, fp16 (or fp32 here)")
+    q = x.float().reshape(B, N, S, D // 2, 2).transpose(-1, -2).reshape(B, N, S, D)
+    rotated = torch.cat([-q[..., D // 2:], q[..., :D // 2]], dim=-1)
+    return (q * cos.float() + rotated * sin.float()).to(x.dtype)
