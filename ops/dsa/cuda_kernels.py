@@ -200,7 +200,7 @@ def topk_select_kernel(key_ptr, out_ptr, cu_ptr, seq_lens_ptr, t_base, B, K, s_k
             n_gt = _count_ge(row, n, prefix, CHUNK, True)
         # Write the positions: stream the row once more (from L2) CHUNK keys at a time; one scan
         # ranks both groups, keys above thr in the low 16 bits and ties at thr in the high 16.
-        # Fields stay below 2^16: keys above thr number < K, and the tie count carried between
+        # Fields stay below 2^16: keys above thr number at most K, and the tie count carried between
         # chunks is capped at krem (later ties are not taken anyway), so K + CHUNK < 2^16 is enough
         # (the wrapper checks). A scan over the whole register-held row would spill registers.
         krem = K - n_gt  # ties at thr to take, lowest positions first

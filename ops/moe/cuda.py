@@ -60,7 +60,10 @@ def _order(counts: torch.Tensor, P: int, num_n: int, bm: int) -> torch.Tensor:
 
 def _span() -> int:
     """Rows a tile covers: bm, plus bm2 for the rows an expert has beyond a multiple of bm."""
-    return CONFIG["bm"] + CONFIG["bm2"]
+    bm2 = CONFIG["bm2"]
+    if bm2 and (bm2 < 16 or bm2 & (bm2 - 1)):
+        raise ValueError(f"moe CONFIG bm2={bm2}: use 0 or a power of two >= 16 (a tile's extra rows)")
+    return CONFIG["bm"] + bm2
 
 
 def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, stages):

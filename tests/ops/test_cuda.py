@@ -134,6 +134,8 @@ INDEXER_CASES = {
     "block_boundaries": ([127, 128, 129, 255, 256, 257], [1] * 6, 8, 64, 100, 128),
     "prefill_varlen": ([40, 70, 33], [40, 9, 1], 4, 32, 24, 16),
     "chunked_prefill": ([300, 10], [50, 0], 4, 32, 64, 32),  # an empty sequence too
+    "two_tiles_per_block": ([300, 700], [1, 2], 4, 32, 64, 256),  # score tiles inside 256-token blocks
+    "one_block_per_chunk": ([2500, 4200], [1, 1], 4, 32, 128, 2048),
 }
 
 
@@ -187,6 +189,49 @@ def test_lightning_indexer_ties_break_to_lower_position(ctx_lens, q_lens, topk, 
         want = above + p[s == thr].tolist()[:keep - len(above)]
         assert sorted(got[t][:keep].tolist()) == sorted(want), f"token {t}"
     assert tied, "no token's K-th score fell on the zero ties: the case tests nothing"
+
+
+def test_lightning_indexer_exactly_k_keys_at_the_kth_score(topk_path):
+    """Exactly K keys share the top score 0.0, whose sortable key is a bisection candidate itself:
+    the select stops early there and must still take those K keys (thr = candidate - 1)."""
+    n, K, D, bs = 40, 12, 16, 16
+    _, tables, cu, seq_lens = paged_batch([n], [1], bs)
+    cache = torch.zeros(tables.numel() + 2, bs, D, device=DEV)
+    p = torch.arange(n, device=DEV)
+    slots = tables[0, p // bs].long() * bs + p % bs
+    k0 = torch.arange(1, n + 1, dtype=torch.float32, device=DEV)  # distinct: scores -1, -2, ...
+    top = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:K].to(DEV)
+    k0[top] = -1.0  # relu(-1) = 0: these K score exactly 0.0, the maximum
+    cache.view(-1, D)[slots, 0] = k0
+    q = torch.zeros(1, 1, D, device=DEV)
+    q[0, 0, 0] = 1.0
+    got = dsa().lightning_indexer(q, -torch.ones(1, 1, device=DEV), cache, tables, cu, seq_lens, K, 1.0)
+    assert sorted(got[0].tolist()) == sorted(top.tolist())
+
+
+@pytest.mark.parametrize("ties", ["all", "half"])
+def test_lightning_indexer_tie_ranks_beyond_16_bits(ties):
+    """70000 keys, top-64000: more keys tie at the K-th score than a 16-bit rank holds, so the tie
+    count carried between writeout chunks must stay capped (topk + chunk < 2^16)."""
+    n, K, D, bs = 70000, 64000, 16, 128
+    _, tables, cu, seq_lens = paged_batch([n], [1], bs)
+    cache = torch.zeros(tables.numel() + 2, bs, D, device=DEV)
+    p = torch.arange(n, device=DEV)
+    slots = tables[0, p // bs].long() * bs + p % bs
+    if ties == "half":  # every other position scores 1, the rest tie at 0
+        cache.view(-1, D)[slots[::2], 0] = 1.0
+    q = torch.zeros(1, 1, D, device=DEV)
+    q[0, 0, 0] = 1.0
+    cfg = dsa().CONFIG
+    old = cfg["topk_chunk"]
+    cfg["topk_chunk"] = 1024
+    try:
+        got = dsa().lightning_indexer(q, torch.ones(1, 1, device=DEV), cache, tables, cu, seq_lens, K, 1.0)
+    finally:
+        cfg["topk_chunk"] = old
+    above = list(range(0, n, 2)) if ties == "half" else []
+    tied = [i for i in range(n) if ties == "all" or i % 2][:K - len(above)]
+    assert sorted(got[0].tolist()) == sorted(above + tied)
 
 
 def test_lightning_indexer_refuses_topk_past_its_16_bit_ranks():
@@ -317,7 +362,7 @@ def test_grouped_mlp_glm5_shape():
     x, ids, w13, w2 = _moe_case(300, 256, 8, 6144, 2048, torch.bfloat16, empty_experts=(7, 100))
     permuted, order, counts = moe_ref.moe_permute(x, ids, 256)
     want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
-    for impl, extra in (("triton", {}), ("grouped_mm", {}), ("triton", {"bm2": 64})):
+    for impl, extra in (("triton", {}), ("grouped_mm", {}), ("triton", {"bm2": 0})):
         cfg = moe().CONFIG
         old = dict(cfg)
         cfg.update(up_impl=impl, down_impl=impl, **extra)
@@ -326,6 +371,29 @@ def test_grouped_mlp_glm5_shape():
         finally:
             cfg.update(old)
         assert _rel(got, want) < 2e-2, impl
+
+
+@big
+@pytest.mark.parametrize("bm2", [64, 0])
+def test_grouped_mlp_glm5_width_experts_past_a_tile(bm2):
+    """GLM-5's hidden 6144 and expert width 2048 over 16 experts: one expert with several tiles'
+    worth of rows, the others near 128, some past a 128-row tile (with and without CONFIG bm2)."""
+    x, _, w13, w2 = _moe_case(640, 16, 4, 6144, 2048, torch.bfloat16)
+    logits = torch.randn(640, 16, device=DEV)
+    logits[:, 0] += 3.0  # expert 0 takes nearly every token: several tiles, the last one short
+    ids = logits.topk(4, dim=-1).indices.int()
+    permuted, order, counts = moe_ref.moe_permute(x, ids, 16)
+    rest = counts[1:]  # ~129 rows each: some past a 128-row tile, some short of it
+    assert int(counts[0]) > 3 * (128 + 64) and bool(((rest > 128) & (rest <= 192)).any()) and int(rest.min()) < 128
+    want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
+    cfg = moe().CONFIG
+    old = dict(cfg)
+    cfg.update(_TRITON, bm2=bm2)
+    try:
+        got = moe().grouped_mlp(permuted, counts, w13, w2)
+    finally:
+        cfg.update(old)
+    assert _rel(got, want) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
