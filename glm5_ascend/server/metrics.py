@@ -43,24 +43,22 @@ class _EngineCollector:
     def collect(self):
         s = self.stats_source() or {}
         label = [self.model_name]
-        for name, doc, key in (("vllm:num_requests_running", "Number of requests in model execution batches.",
-                                "num_running"),
-                               ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                                "num_waiting"),
-                               ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                                "kv_cache_usage")):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, float(s.get(key, 0)))
-            yield g
-        for name, doc, key in (("vllm:prefix_cache_queries", "Prefix cache queries, in terms of tokens.",
-                                "prefix_cache_queries"),
-                               ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.",
-                                "prefix_cache_hits"),
-                               ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
-                                "num_preemptions")):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, float(s.get(key, 0)))
-            yield c
+        for family, name, doc, key in (
+                (GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
+                 "num_running"),
+                (GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                 "num_waiting"),
+                (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                 "kv_cache_usage"),
+                (CounterMetricFamily, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of tokens.",
+                 "prefix_cache_queries"),
+                (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.",
+                 "prefix_cache_hits"),
+                (CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+                 "num_preemptions")):
+            m = family(name, doc, labels=["model_name"])
+            m.add_metric(label, float(s.get(key, 0)))
+            yield m
         # Not vLLM's: where the time goes, for `glm5-ascend bench serve`'s breakdown.
         c = CounterMetricFamily("glm5:engine_step_seconds", "Engine step thread wall time by phase.",
                                 labels=["model_name", "phase"])

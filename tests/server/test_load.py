@@ -2,33 +2,34 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 
-from tests.server.conftest import MODEL, metric, metric_values
+from tests.server.conftest import MODEL, metric, metric_values, sse_events
 
 N_CLIENTS = 64
 N_DISCONNECT = 20
+
+
+async def _stream(c: httpx.AsyncClient, path: str, req: dict) -> list[dict]:
+    """The JSON chunks of one streamed request, without the closing [DONE]."""
+    async with c.stream("POST", path, json=req) as r:
+        assert r.status_code == 200
+        return [e for e in sse_events([line async for line in r.aiter_lines()]) if e != "[DONE]"]
 
 
 async def _stream_completion(c: httpx.AsyncClient, i: int) -> dict:
     req = {"model": MODEL, "prompt": f"client number {i}", "max_tokens": 6 + i % 5, "ignore_eos": True,
            "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
     text, ids, usage, finishes = "", [], None, 0
-    async with c.stream("POST", "/v1/completions", json=req) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["usage"] is not None:
-                usage = chunk["usage"]
-            for ch in chunk["choices"]:
-                text += ch["text"]
-                ids += ch["token_ids"]
-                finishes += ch["finish_reason"] is not None
+    for chunk in await _stream(c, "/v1/completions", req):
+        if chunk["usage"] is not None:
+            usage = chunk["usage"]
+        for ch in chunk["choices"]:
+            text += ch["text"]
+            ids += ch["token_ids"]
+            finishes += ch["finish_reason"] is not None
     return {"want": req["max_tokens"], "text": text, "ids": ids, "usage": usage, "finishes": finishes}
 
 
@@ -37,18 +38,13 @@ async def _stream_chat(c: httpx.AsyncClient, i: int) -> dict:
            "ignore_eos": True, "stream": True, "logprobs": True, "chat_template_kwargs": {"enable_thinking": False},
            "stream_options": {"include_usage": True}}
     text, tokens, usage, finishes = "", [], None, 0
-    async with c.stream("POST", "/v1/chat/completions", json=req) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["usage"] is not None:
-                usage = chunk["usage"]
-            for ch in chunk["choices"]:
-                text += ch["delta"].get("content") or ""
-                tokens += [e["token"] for e in (ch["logprobs"] or {}).get("content") or []]
-                finishes += ch["finish_reason"] is not None
+    for chunk in await _stream(c, "/v1/chat/completions", req):
+        if chunk["usage"] is not None:
+            usage = chunk["usage"]
+        for ch in chunk["choices"]:
+            text += ch["delta"].get("content") or ""
+            tokens += [e["token"] for e in (ch["logprobs"] or {}).get("content") or []]
+            finishes += ch["finish_reason"] is not None
     return {"want": req["max_tokens"], "text": text, "tokens": tokens, "usage": usage, "finishes": finishes}
 
 
