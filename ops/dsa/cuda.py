@@ -24,6 +24,8 @@ CONFIG = {
     "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1,
+    # Hopper: the warp-specialised Gluon kernel (cuda_sm90.py) for 16-bit caches with R=512, Dr=64.
+    "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_load_regs": 56, "mla_sm90_maxnreg": 168,
 }
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
@@ -36,6 +38,24 @@ def _p2(n: int, lo: int = 16) -> int:
 def _prec(dtype: torch.dtype) -> str:
     # float32 models (tests, the tiny model) must match the reference's fp32 math, so no tf32.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_module(device: torch.device):
+    """ops/dsa/cuda_sm90.py on an sm_90 GPU whose Triton has Gluon, else None."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    try:
+        from . import cuda_sm90
+    except ImportError:  # a Triton without Gluon's Hopper ops: the portable kernel serves
+        return None
+    return cuda_sm90
+
+
+def _use_sm90(q_latent, latent_cache, R: int, DR: int) -> bool:
+    return (bool(CONFIG["mla_sm90"]) and R == 512 and DR == 64
+            and latent_cache.dtype in (torch.bfloat16, torch.float16)
+            and _sm90_module(q_latent.device) is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,13 +131,13 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     return out
 
 
-def _mla_splits(T: int, head_blocks: int, K: int, device: torch.device) -> int:
+def _mla_splits(T: int, head_blocks: int, K: int, block_n: int, device: torch.device) -> int:
     if CONFIG["mla_splits"]:
         return int(CONFIG["mla_splits"])
     # Decode batches are too few programs to fill the GPU: split the top-k list and merge by lse.
     base = T * head_blocks
     want = round(_num_sms(device) * CONFIG["mla_waves"] / base)
-    return max(1, min(want, triton.cdiv(K, CONFIG["mla_block_n"]), 16))
+    return max(1, min(want, triton.cdiv(K, block_n), 16))
 
 
 def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,
@@ -143,10 +163,14 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     ql = ql if ql.stride(-1) == 1 else ql.contiguous()
     qr = qr if qr.stride(-1) == 1 else qr.contiguous()
     idx = topk_indices if topk_indices.stride(-1) == 1 else topk_indices.contiguous()
+    if _use_sm90(q_latent, latent_cache, R, DR):
+        _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
+                         softmax_scale)
+        return (out, lse) if return_lse else out
     cfg = CONFIG
     block_h = max(16, min(CONFIG["mla_block_h"], _p2(H)))  # tl.dot needs M >= 16
     hb = triton.cdiv(H, block_h)
-    splits = _mla_splits(T, hb, K, q_latent.device)
+    splits = _mla_splits(T, hb, K, cfg["mla_block_n"], q_latent.device)
     split_len = triton.cdiv(triton.cdiv(K, splits), cfg["mla_block_n"]) * cfg["mla_block_n"]
     splits = triton.cdiv(K, split_len) if K else 1
     B = seq_lens.shape[0]
@@ -173,8 +197,42 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
         PRESLOT=preslot,
         num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
     if splits > 1:
-        k.mla_combine_kernel[(T, H)](
-            part_o, part_l, out, lse, splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            R=R, R_P=_p2(R), S_P=_p2(splits, 2), num_warps=4)
+        _combine(part_o, part_l, out, lse)
     return (out, lse) if return_lse else out
+
+
+def _combine(part_o, part_l, out, lse) -> None:
+    """Merge per-split outputs [S, T, H, R] and lse [S, T, H] into out / lse by their lse weights."""
+    splits, T, H, R = part_o.shape
+    k.mla_combine_kernel[(T, H)](
+        part_o, part_l, out, lse, splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        R=R, R_P=_p2(R), S_P=_p2(splits, 2), num_warps=4)
+
+
+def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
+                     softmax_scale) -> None:
+    """sparse_mla_attention through cuda_sm90.py (64-head programs; block-table lookups in the kernel)."""
+    cfg = CONFIG
+    T, H, R = ql.shape
+    K = idx.shape[1]
+    B = seq_lens.shape[0]
+    block_n = cfg["mla_sm90_block_n"]
+    hb = triton.cdiv(H, 64)
+    splits = _mla_splits(T, hb, K, block_n, ql.device)
+    split_len = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
+    splits = triton.cdiv(K, split_len) if K else 1
+    if splits > 1:
+        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=ql.device)
+        part_l = torch.empty((splits, T, H), dtype=torch.float32, device=ql.device)
+    else:
+        part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
+    _sm90_module(ql.device).sparse_mla_decode_sm90_kernel[(T, hb, splits)](
+        ql, qr, latent_cache, rope_cache, idx, block_tables, cu_seqlens_q, part_o, part_l, B, H, K, split_len,
+        ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1), idx.stride(0), block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
+        float(softmax_scale) * 1.4426950408889634, R=R, DR=qr.shape[-1], BH=64, BN=block_n,
+        STAGES=cfg["mla_sm90_stages"], BLOCK_SIZE=latent_cache.shape[1], B_P=_p2(B, 2), SPLIT_OUT=splits > 1,
+        LOAD_REGS=cfg["mla_sm90_load_regs"], num_warps=8, maxnreg=cfg["mla_sm90_maxnreg"])
+    if splits > 1:
+        _combine(part_o, part_l, out, lse)

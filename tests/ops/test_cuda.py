@@ -304,6 +304,39 @@ def test_sparse_mla_small(case, dtype, splits):
     _check_mla(_mla_case(ctx, ql, H, R, DR, K, bs, dtype, pad), R ** -0.5, dtype, splits)
 
 
+SM90 = DEV.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+SM90_CASES = {
+    # name: (ctx_lens, q_lens, H, K, block_size, pad_every): R = 512, Dr = 64 (the sm90 kernel's shapes)
+    "decode_glm5_heads": ([3000, 70, 129, 64], [1] * 4, 64, 2048, 64, 0),
+    "tp8_heads_short_ctx": ([5, 40, 700], [1, 1, 1], 8, 256, 16, 0),
+    "two_head_blocks_odd_heads": ([300, 90], [1, 1], 80, 100, 32, 0),
+    "holes_k_not_tile_multiple": ([400, 33], [2, 3], 16, 150, 16, 3),
+    "prefill_varlen": ([130, 17, 200], [130, 1, 20], 32, 96, 64, 0),
+}
+
+
+@pytest.mark.skipif(not SM90, reason="the warp-specialised sparse MLA kernel is for sm_90 GPUs (H100/H200/H20)")
+@pytest.mark.parametrize("case", sorted(SM90_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_sparse_mla_sm90_kernel(case, dtype, splits):
+    ctx, ql, H, K, bs, pad = SM90_CASES[case]
+    args = _mla_case(ctx, ql, H, 512, 64, K, bs, dtype, pad, seed=3)
+    assert dsa()._use_sm90(args[0], args[2], 512, 64), "this GPU should take the sm90 kernel"
+    _check_mla(args, 576 ** -0.5, dtype, splits)
+
+
+@pytest.mark.skipif(not SM90, reason="sm_90 GPU only")
+def test_sparse_mla_sm90_rows_with_nothing_to_attend():
+    """Rows whose top-k list is all padding get output 0 and lse -inf, as the reference does."""
+    args = list(_mla_case([300, 200], [1, 1], 64, 512, 64, 128, 64, torch.bfloat16, seed=4))
+    args[-1][1] = -1
+    out, lse = dsa().sparse_mla_attention(*args, 576 ** -0.5, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and bool(torch.isneginf(lse[1]).all())
+    want = dsa_ref.sparse_mla_attention(*[a.float() if a.is_floating_point() else a for a in args], 576 ** -0.5)
+    assert _rel(out[0], want[0]) < 2e-2
+
+
 @big
 @pytest.mark.parametrize("ctx_lens,q_lens", [([32768, 3000, 2048, 129], [1] * 4), ([2500, 700], [200, 37])])
 def test_sparse_mla_glm5_shape(ctx_lens, q_lens):
