@@ -23,9 +23,10 @@ CONFIG = {
     "indexer_block_n": 128, "indexer_chunk": 2048, "indexer_warps": 4, "indexer_stages": 3,
     "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
-    "mla_preslot": 1,
+    "mla_preslot": 1, "mla_combine_heads": 8,
     # Hopper: the warp-specialised Gluon kernel (cuda_sm90.py) for 16-bit caches with R=512, Dr=64.
-    "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_load_regs": 56, "mla_sm90_maxnreg": 168,
+    "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_pv_regs": 192, "mla_sm90_load_regs": 56,
+    "mla_sm90_maxnreg": 168,
 }
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
@@ -204,10 +205,11 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
 def _combine(part_o, part_l, out, lse) -> None:
     """Merge per-split outputs [S, T, H, R] and lse [S, T, H] into out / lse by their lse weights."""
     splits, T, H, R = part_o.shape
-    k.mla_combine_kernel[(T, H)](
-        part_o, part_l, out, lse, splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+    block_h = min(CONFIG["mla_combine_heads"], _p2(H, 1))
+    k.mla_combine_kernel[(T, triton.cdiv(H, block_h))](
+        part_o, part_l, out, lse, splits, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        R=R, R_P=_p2(R), S_P=_p2(splits, 2), num_warps=4)
+        R=R, R_P=_p2(R), BLOCK_H=block_h, num_warps=4)
 
 
 def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
@@ -227,12 +229,12 @@ def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_
         part_l = torch.empty((splits, T, H), dtype=torch.float32, device=ql.device)
     else:
         part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
-    _sm90_module(ql.device).sparse_mla_decode_sm90_kernel[(T, hb, splits)](
+    _sm90_module(ql.device).sparse_mla_sm90_kernel[(T, hb, splits)](
         ql, qr, latent_cache, rope_cache, idx, block_tables, cu_seqlens_q, part_o, part_l, B, H, K, split_len,
         ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1), idx.stride(0), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
-        float(softmax_scale) * 1.4426950408889634, R=R, DR=qr.shape[-1], BH=64, BN=block_n,
-        STAGES=cfg["mla_sm90_stages"], BLOCK_SIZE=latent_cache.shape[1], B_P=_p2(B, 2), SPLIT_OUT=splits > 1,
-        LOAD_REGS=cfg["mla_sm90_load_regs"], num_warps=8, maxnreg=cfg["mla_sm90_maxnreg"])
+        float(softmax_scale) * 1.4426950408889634, R=R, DR=qr.shape[-1], BN=block_n, STAGES=cfg["mla_sm90_stages"],
+        BLOCK_SIZE=latent_cache.shape[1], B_P=_p2(B, 2), PV_REGS=cfg["mla_sm90_pv_regs"],
+        LOAD_REGS=cfg["mla_sm90_load_regs"], num_warps=4, maxnreg=cfg["mla_sm90_maxnreg"])
     if splits > 1:
         _combine(part_o, part_l, out, lse)

@@ -304,22 +304,27 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
 
 
 @triton.jit
-def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS, s_ps, s_pt, s_ph, s_pls, s_plt,
-                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, S_P: tl.constexpr):
-    """Merge the splits' normalised outputs of one (token, head) by their lse weights."""
+def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS, H, s_ps, s_pt, s_ph, s_pls, s_plt,
+                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Merge the splits' normalised outputs of BLOCK_H heads of one token by their lse weights."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, S_P)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, R_P)
-    sm = offs_s < SPLITS
-    lse = tl.load(plse_ptr + offs_s * s_pls + t * s_plt + h, mask=sm, other=float("-inf"))
-    m = tl.max(lse, axis=0)
+    hm = offs_h < H
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)  # [S_P]; empty splits weigh 0
-    po = tl.load(po_ptr + offs_s[:, None] * s_ps + t * s_pt + h * s_ph + offs_r[None, :],
-                 mask=sm[:, None] & (offs_r[None, :] < R), other=0.0)
-    den = tl.sum(w, axis=0)
+    den = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R_P], tl.float32)
+    mask = hm[:, None] & (offs_r[None, :] < R)
+    for s in range(SPLITS):
+        w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")) - m_safe)
+        den += w  # empty splits weigh 0
+        acc += w[:, None] * tl.load(po_ptr + s * s_ps + t * s_pt + offs_h[:, None] * s_ph + offs_r[None, :],
+                                    mask=mask, other=0.0)
     has = den > 0
-    out = tl.sum(w[:, None] * po, axis=0) / tl.where(has, den, 1.0)
-    tl.store(o_ptr + t * s_ot + h * s_oh + offs_r, out.to(o_ptr.dtype.element_ty), mask=offs_r < R)
-    tl.store(lse_ptr + t * s_lt + h, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")))
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + t * s_lt + offs_h, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
+             mask=hm)
