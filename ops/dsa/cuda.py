@@ -164,6 +164,11 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     ql = ql if ql.stride(-1) == 1 else ql.contiguous()
     qr = qr if qr.stride(-1) == 1 else qr.contiguous()
     idx = topk_indices if topk_indices.stride(-1) == 1 else topk_indices.contiguous()
+    if not (latent_cache.is_contiguous() and rope_cache.is_contiguous()) or rope_cache.dtype != dt:
+        raise ValueError("sparse_mla_attention (cuda): latent_cache and rope_cache must be contiguous and of one "
+                         f"dtype (got {dt} and {rope_cache.dtype}); the kernels address rows as slot * width")
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
     if _use_sm90(q_latent, latent_cache, R, DR):
         _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
                          softmax_scale)
@@ -221,6 +226,7 @@ def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_
     B = seq_lens.shape[0]
     block_n = cfg["mla_sm90_block_n"]
     hb = triton.cdiv(H, 64)
+    assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
     splits = _mla_splits(T, hb, K, block_n, ql.device)
     split_len = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
     splits = triton.cdiv(K, split_len) if K else 1

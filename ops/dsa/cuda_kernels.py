@@ -250,7 +250,7 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
     the MMA's M side and streams its share of the top-k rows once: scores over R + DR dims, online
     softmax in base 2, output accumulated in the latent space. With SPLIT_OUT, writes the split's
     normalised float32 output and lse (combined by mla_combine_kernel); else the final output."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 in long prefills
     h0 = tl.program_id(1) * BLOCK_H
     sp = tl.program_id(2)
     seq, qpos = _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P)
@@ -307,7 +307,7 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
 def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS, H, s_ps, s_pt, s_ph, s_pls, s_plt,
                        s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, BLOCK_H: tl.constexpr):
     """Merge the splits' normalised outputs of BLOCK_H heads of one token by their lse weights."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, R_P)
     hm = offs_h < H

@@ -108,7 +108,7 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
                        s_os, s_ot, s_oh, s_ls, s_lt, scale_log2, qn_smem, qr_smem, kn_smem, kr_smem, p_smem,
                        a_smem, full, empty, p_ready, p_free, fin, BH: gl.constexpr, R: gl.constexpr,
                        DR: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
-    t = gl.program_id(0)
+    t = gl.program_id(0).to(gl.int64)  # t * stride passes 2^31 in long prefills
     h0 = gl.program_id(1) * BH
     sp = gl.program_id(2)
     lo = sp * split_len
@@ -159,6 +159,7 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()
         mbarrier.arrive(empty.index(s), count=1)
+    mbarrier.wait(p_free, (gl.cdiv(hi - lo, BN) & 1) ^ 1)  # warpgroup 1 has read the last alpha
     a_smem.store(l_i)  # the row sums, for warpgroup 1's half
     gl.thread_barrier()
     mbarrier.arrive(fin, count=1)
@@ -172,7 +173,7 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
 @gluon.jit
 def _pv_partition(o_ptr, H, K, split_len, s_os, s_ot, s_oh, kn_smem, p_smem, a_smem, empty, p_ready, p_free, fin,
                   BH: gl.constexpr, R: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
-    t = gl.program_id(0)
+    t = gl.program_id(0).to(gl.int64)
     h0 = gl.program_id(1) * BH
     sp = gl.program_id(2)
     lo = sp * split_len

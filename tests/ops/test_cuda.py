@@ -304,6 +304,19 @@ def test_sparse_mla_small(case, dtype, splits):
     _check_mla(_mla_case(ctx, ql, H, R, DR, K, bs, dtype, pad), R ** -0.5, dtype, splits)
 
 
+def test_sparse_mla_refuses_caches_it_cannot_address():
+    """The kernels address cache rows as slot * width: a latent / rope pair sliced out of one fused
+    cache, or caches of two dtypes, get a one-line error instead of wrong rows."""
+    args = list(_mla_case([40, 9], [1, 1], 4, 64, 16, 16, 16, torch.float32))
+    fused = torch.cat([args[2], args[3]], dim=-1)
+    sliced = args[:2] + [fused[..., :64], fused[..., 64:]] + args[4:]
+    with pytest.raises(ValueError, match="must be contiguous and of one dtype"):
+        dsa().sparse_mla_attention(*sliced, 0.125)
+    mixed = args[:3] + [args[3].to(torch.float16)] + args[4:]
+    with pytest.raises(ValueError, match="must be contiguous and of one dtype"):
+        dsa().sparse_mla_attention(*mixed, 0.125)
+
+
 SM90 = DEV.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 SM90_CASES = {
     # name: (ctx_lens, q_lens, H, K, block_size, pad_every): R = 512, Dr = 64 (the sm90 kernel's shapes)
