@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install glm5-ascend into the current Python environment.
 #   bash scripts/setup.sh         the package
-#   bash scripts/setup.sh --dev   plus the test tools (pytest, openai, schemathesis)
+#   bash scripts/setup.sh --dev   plus the test tools (pytest, openai, schemathesis; triton on x86_64)
 #   bash scripts/setup.sh --npu   plus torch_npu, on an Ascend host with CANN installed
 # Without a GPU or NPU a CPU build of torch is installed first: a bare `pip install torch`
 # would pull a multi-GB CUDA build that a CPU host cannot use.
@@ -24,3 +24,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -e ".${extra}"
+# Tests: with Triton present, a host without a GPU still checks the cuda kernels (Triton's CPU
+# interpreter) and compiles the Hopper kernel for sm_90. Optional: without it those tests skip.
+if [ "$extra" = "[dev]" ] && [ "$(uname -m)" = "x86_64" ] && ! "$PY" -c "import triton" 2>/dev/null; then
+  "$PY" -m pip install triton || echo "setup.sh: triton not installed; the cuda kernel checks will be skipped" >&2
+fi

@@ -9,9 +9,11 @@ ascending. No wrapper syncs with the host, so decode steps can be captured in CU
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
+from triton.errors import TritonError
 
 from . import cuda_kernels as k
 from .reference import interleaved_rope  # noqa: F401  (elementwise: torch is fine; re-exported so
@@ -53,8 +55,13 @@ def _sm90_module(device: torch.device):
     return cuda_sm90
 
 
+# Why the sm90 kernel is off in this process, once it failed to compile (e.g. a Triton whose Gluon
+# API moved); the portable Triton kernel serves from then on.
+SM90_DISABLED: list[str] = []
+
+
 def _use_sm90(q_latent, latent_cache, R: int, DR: int) -> bool:
-    return (bool(CONFIG["mla_sm90"]) and R == 512 and DR == 64
+    return (bool(CONFIG["mla_sm90"]) and not SM90_DISABLED and R == 512 and DR == 64
             and latent_cache.dtype in (torch.bfloat16, torch.float16)
             and _sm90_module(q_latent.device) is not None)
 
@@ -170,9 +177,14 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
     if _use_sm90(q_latent, latent_cache, R, DR):
-        _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
-                         softmax_scale)
-        return (out, lse) if return_lse else out
+        try:
+            _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out,
+                             lse, softmax_scale)
+            return (out, lse) if return_lse else out
+        except TritonError as e:  # compile errors, ptxas failures, too little shared memory: before launch
+            SM90_DISABLED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+            warnings.warn(f"sparse_mla_attention: the sm90 kernel does not compile with Triton {triton.__version__} "
+                          f"({SM90_DISABLED[0]}); using the portable Triton kernel", stacklevel=2)
     cfg = CONFIG
     block_h = max(16, min(CONFIG["mla_block_h"], _p2(H)))  # tl.dot needs M >= 16
     hb = triton.cdiv(H, block_h)

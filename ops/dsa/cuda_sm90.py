@@ -30,6 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 LOAD_WARPS = gl.constexpr(4)
 LN2 = gl.constexpr(0.6931471805599453)
+# A barrier across the calling partition's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -122,7 +124,7 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
     qn_smem.store(gl.load(ql_ptr + t * s_qlt + offs_h[:, None] * s_qlh + cols_n[None, :], mask=hm, other=0.0))
     qr_smem.store(gl.load(qr_ptr + t * s_qrt + offs_h[:, None] * s_qrh + cols_r[None, :], mask=hm, other=0.0))
     fence_async_shared()
-    gl.thread_barrier()
+    _barrier()
 
     RH: gl.constexpr = R // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -152,16 +154,16 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
         p_smem.store(p.to(p_smem.dtype))
         a_smem.store(alpha)
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
         mbarrier.arrive(p_ready, count=1)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         acc = warpgroup_mma(p_smem, kn.slice(0, RH, dim=1), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        gl.thread_barrier()
+        _barrier()
         mbarrier.arrive(empty.index(s), count=1)
     mbarrier.wait(p_free, (gl.cdiv(hi - lo, BN) & 1) ^ 1)  # warpgroup 1 has read the last alpha
     a_smem.store(l_i)  # the row sums, for warpgroup 1's half
-    gl.thread_barrier()
+    _barrier()
     mbarrier.arrive(fin, count=1)
     _store_half(acc, l_i, 0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh)
     has = l_i > 0
@@ -188,7 +190,7 @@ def _pv_partition(o_ptr, H, K, split_len, s_os, s_ot, s_oh, kn_smem, p_smem, a_s
         acc = acc * a_smem.load(row_o)[:, None]
         acc = warpgroup_mma(p_smem, kn_smem.index(s).slice(RH, RH, dim=1), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        gl.thread_barrier()
+        _barrier()
         mbarrier.arrive(p_free, count=1)
         mbarrier.arrive(empty.index(s), count=1)
     mbarrier.wait(fin, 0)

@@ -317,6 +317,27 @@ def test_sparse_mla_refuses_caches_it_cannot_address():
         dsa().sparse_mla_attention(*mixed, 0.125)
 
 
+def test_sparse_mla_falls_back_when_the_sm90_kernel_does_not_compile(monkeypatch):
+    """A Triton whose Gluon API moved must not break the op: one warning, then the portable kernel."""
+    from triton.compiler.errors import CompilationError
+
+    def broken(*args, **kwargs):
+        raise CompilationError("cuda_sm90.py", None, "no attribute 'thread_barrier'")
+
+    monkeypatch.setattr(dsa(), "SM90_DISABLED", [])
+    monkeypatch.setattr(dsa(), "_sm90_module", lambda device: True)
+    monkeypatch.setattr(dsa(), "_sparse_mla_sm90", broken)
+    monkeypatch.setitem(dsa().CONFIG, "mla_sm90", 1)
+    args = _mla_case([40, 9], [1, 1], 4, 512, 64, 16, 16, torch.float32)
+    lat16 = args[2].to(torch.float16)  # only 16-bit caches take the sm90 path
+    args = args[:2] + (lat16, args[3].to(torch.float16)) + args[4:]
+    with pytest.warns(UserWarning, match="does not compile"):
+        out = dsa().sparse_mla_attention(*args, 0.05)
+    assert dsa().SM90_DISABLED and not dsa()._use_sm90(args[0], args[2], 512, 64)
+    want = dsa_ref.sparse_mla_attention(*[a.float() if a.is_floating_point() else a for a in args], 0.05)
+    assert _rel(out.float(), want) < 2e-2
+
+
 SM90 = DEV.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 SM90_CASES = {
     # name: (ctx_lens, q_lens, H, K, block_size, pad_every): R = 512, Dr = 64 (the sm90 kernel's shapes)
@@ -335,8 +356,9 @@ SM90_CASES = {
 def test_sparse_mla_sm90_kernel(case, dtype, splits):
     ctx, ql, H, K, bs, pad = SM90_CASES[case]
     args = _mla_case(ctx, ql, H, 512, 64, K, bs, dtype, pad, seed=3)
-    assert dsa()._use_sm90(args[0], args[2], 512, 64), "this GPU should take the sm90 kernel"
+    assert dsa()._use_sm90(args[0], args[2], 512, 64), f"this GPU should take the sm90 kernel: {dsa().SM90_DISABLED}"
     _check_mla(args, 576 ** -0.5, dtype, splits)
+    assert not dsa().SM90_DISABLED, dsa().SM90_DISABLED  # it ran, not the fallback
 
 
 @pytest.mark.skipif(not SM90, reason="sm_90 GPU only")
