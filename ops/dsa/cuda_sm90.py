@@ -30,8 +30,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 LOAD_WARPS = gl.constexpr(4)
 LN2 = gl.constexpr(0.6931471805599453)
-# A barrier across the calling partition's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
+# Gluon is experimental and renames things between Triton releases; checked with 3.6, 3.8 and 3.9.
+# A barrier across the calling partition's warps: gl.thread_barrier in 3.6, gl.barrier later.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+# cp.async global -> shared: async_copy_global_to_shared in 3.6, async_load later.
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -56,8 +59,7 @@ def _gather_rows(src_ptr, slot, dst, W: gl.constexpr, CHUNK: gl.constexpr, layou
     mask = (slot >= 0)[:, None]
     for c in gl.static_range(W // CHUNK):
         cols = c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(0, layout))
-        async_copy.async_copy_global_to_shared(dst.slice(c * CHUNK, CHUNK, dim=1),
-                                               src_ptr + base[:, None] + cols[None, :], mask=mask)
+        _async_load(dst.slice(c * CHUNK, CHUNK, dim=1), src_ptr + base[:, None] + cols[None, :], mask=mask)
 
 
 @gluon.jit

@@ -57,7 +57,9 @@ for dtype, split_out in json.loads(sys.argv[1]):
         results[key] = {"shared": kernel.metadata.shared,
                         "ops": all(op in ptx for op in ("wgmma.mma_async", "cp.async.mbarrier.arrive.noinc",
                                                         "setmaxnreg"))}
-    except Exception as e:
+    except Exception as e:  # report the innermost cause: Triton wraps it once per call frame
+        while e.__cause__ is not None:
+            e = e.__cause__
         results[key] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
 print(json.dumps(results))
 '''
