@@ -139,13 +139,23 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     return out
 
 
-def _mla_splits(T: int, head_blocks: int, K: int, block_n: int, device: torch.device) -> int:
+def _split_plan(out, lse, head_blocks: int, K: int, block_n: int):
+    """Split each top-k list so a decode batch fills the GPU; the splits are merged by lse.
+
+    Returns (splits, split_len, part_o [splits, T, H, R], part_lse [splits, T, H]): float32 partials
+    with several splits, else views of out / lse the kernel writes directly."""
+    T, H, R = out.shape
     if CONFIG["mla_splits"]:
-        return int(CONFIG["mla_splits"])
-    # Decode batches are too few programs to fill the GPU: split the top-k list and merge by lse.
-    base = T * head_blocks
-    want = round(_num_sms(device) * CONFIG["mla_waves"] / base)
-    return max(1, min(want, triton.cdiv(K, block_n), 16))
+        splits = int(CONFIG["mla_splits"])
+    else:
+        want = round(_num_sms(out.device) * CONFIG["mla_waves"] / (T * head_blocks))
+        splits = max(1, min(want, triton.cdiv(K, block_n), 16))
+    split_len = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
+    splits = triton.cdiv(K, split_len) if K else 1
+    if splits == 1:
+        return 1, split_len, out.view(1, T, H, R), lse.view(1, T, H)
+    return (splits, split_len, torch.empty((splits, T, H, R), dtype=torch.float32, device=out.device),
+            torch.empty((splits, T, H), dtype=torch.float32, device=out.device))
 
 
 def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,
@@ -188,15 +198,8 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     cfg = CONFIG
     block_h = max(16, min(CONFIG["mla_block_h"], _p2(H)))  # tl.dot needs M >= 16
     hb = triton.cdiv(H, block_h)
-    splits = _mla_splits(T, hb, K, cfg["mla_block_n"], q_latent.device)
-    split_len = triton.cdiv(triton.cdiv(K, splits), cfg["mla_block_n"]) * cfg["mla_block_n"]
-    splits = triton.cdiv(K, split_len) if K else 1
+    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, cfg["mla_block_n"])
     B = seq_lens.shape[0]
-    if splits > 1:
-        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=q_latent.device)
-        part_l = torch.empty((splits, T, H), dtype=torch.float32, device=q_latent.device)
-    else:
-        part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
     preslot = cfg["mla_preslot"]
     if preslot:
         assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
@@ -239,14 +242,7 @@ def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_
     block_n = cfg["mla_sm90_block_n"]
     hb = triton.cdiv(H, 64)
     assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
-    splits = _mla_splits(T, hb, K, block_n, ql.device)
-    split_len = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
-    splits = triton.cdiv(K, split_len) if K else 1
-    if splits > 1:
-        part_o = torch.empty((splits, T, H, R), dtype=torch.float32, device=ql.device)
-        part_l = torch.empty((splits, T, H), dtype=torch.float32, device=ql.device)
-    else:
-        part_o, part_l = out.view(1, T, H, R), lse.view(1, T, H)
+    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, block_n)
     _sm90_module(ql.device).sparse_mla_sm90_kernel[(T, hb, splits)](
         ql, qr, latent_cache, rope_cache, idx, block_tables, cu_seqlens_q, part_o, part_l, B, H, K, split_len,
         ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1), idx.stride(0), block_tables.stride(0),
