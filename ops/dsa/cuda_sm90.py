@@ -3,8 +3,8 @@
 Why a second kernel beside cuda_kernels.sparse_mla_kernel: in that Triton kernel one program per SM
 runs gather, Q·Kᵀ, softmax and P·V one after the other, because each tile's row addresses come from
 a load of the same iteration and Triton's pipeliner then waits for every copy (docs/benchmarks.md).
-Triton 3.6 has no automatic warp specialisation for Hopper, so this kernel states it by hand. A
-program serves one token's 64 heads over its share of the top-k list, with three partitions:
+Triton 3.6's automatic warp specialisation does not compile for sm_90, so this kernel states it by
+hand. A program serves one token's 64 heads over its share of the top-k list, with three partitions:
 
 - the loader (4 warps, few registers) maps top-k positions to cache slots through the block table
   (a tile ahead) and gathers the latent and rope rows with cp.async into a ring of shared-memory
