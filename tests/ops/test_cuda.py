@@ -329,8 +329,7 @@ def test_sparse_mla_falls_back_when_the_sm90_kernel_does_not_compile(monkeypatch
     monkeypatch.setattr(dsa(), "_sparse_mla_sm90", broken)
     monkeypatch.setitem(dsa().CONFIG, "mla_sm90", 1)
     args = _mla_case([40, 9], [1, 1], 4, 512, 64, 16, 16, torch.float32)
-    lat16 = args[2].to(torch.float16)  # only 16-bit caches take the sm90 path
-    args = args[:2] + (lat16, args[3].to(torch.float16)) + args[4:]
+    args = args[:2] + (args[2].half(), args[3].half()) + args[4:]  # only 16-bit caches take the sm90 path
     with pytest.warns(UserWarning, match="does not compile"):
         out = dsa().sparse_mla_attention(*args, 0.05)
     assert dsa().SM90_DISABLED and not dsa()._use_sm90(args[0], args[2], 512, 64)
