@@ -92,7 +92,9 @@ def test_generate_yields_until_finished_and_reports():
     assert all(not o.finished for o in outs[:-1])
     (r,) = reports
     assert r.request_id == "a" and r.prompt_tokens == 2 and r.generation_tokens == 4
-    assert r.finish_reasons == ["length"] and len(r.inter_token_latencies) == len(outs) - 1 >= 0
+    # One gap per engine step after the first token (the scripted engine makes one token a step);
+    # the consumer may be handed several steps' tokens at once, so len(outs) can be smaller.
+    assert r.finish_reasons == ["length"] and len(r.inter_token_latencies) == r.generation_tokens - 1
     assert eng.threads == {"glm5-step-loop"}  # only the step thread touched the engine
 
 
