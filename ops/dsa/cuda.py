@@ -26,6 +26,9 @@ CONFIG = {
     "topk_chunk": 4096, "topk_digit": 2, "topk_warps": 32, "topk_reg": 32768,
     "mla_block_n": 64, "mla_block_h": 64, "mla_warps": 8, "mla_stages": 2, "mla_waves": 1.0, "mla_splits": None,
     "mla_preslot": 1, "mla_combine_heads": 8,
+    # mla_pdl: the merge kernel is launched with programmatic dependent launch (sm_90+), so its
+    # launch overlaps the attention kernel's tail.
+    "mla_pdl": 1,
     # Hopper: the warp-specialised Gluon kernel (cuda_sm90.py) for 16-bit caches with R=512, Dr=64.
     "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_pv_regs": 192, "mla_sm90_load_regs": 56,
     "mla_sm90_maxnreg": 168,
@@ -214,8 +217,7 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
         block_tables.stride(0), idx.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), float(softmax_scale) * 1.4426950408889634,
         R=R, DR=DR, R_P=_p2(R), DR_P=_p2(DR), BLOCK_H=block_h, B_P=_p2(B, 2),
-        BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=cfg["mla_block_n"], PREC=_prec(dt), SPLIT_OUT=splits > 1,
-        PRESLOT=preslot,
+        BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=cfg["mla_block_n"], PREC=_prec(dt), PRESLOT=preslot,
         num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
     if splits > 1:
         _combine(part_o, part_l, out, lse)
@@ -226,10 +228,13 @@ def _combine(part_o, part_l, out, lse) -> None:
     """Merge per-split outputs [S, T, H, R] and lse [S, T, H] into out / lse by their lse weights."""
     splits, T, H, R = part_o.shape
     block_h = min(CONFIG["mla_combine_heads"], _p2(H, 1))
+    pdl = (bool(CONFIG["mla_pdl"]) and k.gdc_wait is not None and out.is_cuda
+           and torch.cuda.get_device_capability(out.device)[0] >= 9)
     k.mla_combine_kernel[(T, triton.cdiv(H, block_h))](
-        part_o, part_l, out, lse, splits, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_o, part_l, out, lse, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        R=R, R_P=_p2(R), BLOCK_H=block_h, num_warps=4)
+        SPLITS=splits, R=R, R_P=_p2(R), BLOCK_H=block_h, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,

@@ -9,6 +9,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # Triton < 3.3 has no programmatic dependent launch: cuda.py then does not ask for it
+    gdc_wait = None
+
 
 @triton.jit
 def _seq_and_pos(t, cu_ptr, seq_lens_ptr, B, B_P: tl.constexpr):
@@ -242,14 +247,14 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
                       s_os, s_ot, s_oh, s_ls, s_lt, scale_log2,
                       R: tl.constexpr, DR: tl.constexpr, R_P: tl.constexpr, DR_P: tl.constexpr,
                       BLOCK_H: tl.constexpr, B_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                      PRESLOT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, PRESLOT: tl.constexpr):
     """Absorbed sparse MLA for one (token, head block, split of the top-k list).
 
     Every head of a token reads the same gathered latent rows, so a program holds BLOCK_H heads as
     the MMA's M side and streams its share of the top-k rows once: scores over R + DR dims, online
-    softmax in base 2, output accumulated in the latent space. With SPLIT_OUT, writes the split's
-    normalised float32 output and lse (combined by mla_combine_kernel); else the final output."""
+    softmax in base 2, output accumulated in the latent space. Writes the normalised output (in
+    o_ptr's dtype) and lse of the split: the final output when there is one split, else a partial
+    that mla_combine_kernel merges."""
     t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 in long prefills
     h0 = tl.program_id(1) * BLOCK_H
     sp = tl.program_id(2)
@@ -296,29 +301,33 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     omask = hm[:, None] & (offs_r[None, :] < R)
     o_off = sp * s_os + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :]
-    if SPLIT_OUT:
-        tl.store(o_ptr + o_off, out, mask=omask)
-    else:
-        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=omask)
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=omask)
     tl.store(lse_ptr + sp * s_ls + t * s_lt + offs_h, lse, mask=hm)
 
 
 @triton.jit
-def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS, H, s_ps, s_pt, s_ph, s_pls, s_plt,
-                       s_ot, s_oh, s_lt, R: tl.constexpr, R_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Merge the splits' normalised outputs of BLOCK_H heads of one token by their lse weights."""
+def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, H, s_ps, s_pt, s_ph, s_pls, s_plt,
+                       s_ot, s_oh, s_lt, SPLITS: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr,
+                       BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    """Merge the splits' normalised outputs of BLOCK_H heads of one token by their lse weights.
+
+    The split loops are unrolled (SPLITS is a compile-time constant), so every split's loads are
+    issued at once instead of one memory round trip per split. With PDL (launched as a
+    programmatic dependent of the attention kernel) it first waits for that kernel's writes."""
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, R_P)
     hm = offs_h < H
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in range(SPLITS):
+    for s in tl.static_range(SPLITS):
         m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R_P], tl.float32)
     mask = hm[:, None] & (offs_r[None, :] < R)
-    for s in range(SPLITS):
+    for s in tl.static_range(SPLITS):
         w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")) - m_safe)
         den += w  # empty splits weigh 0
         acc += w[:, None] * tl.load(po_ptr + s * s_ps + t * s_pt + offs_h[:, None] * s_ph + offs_r[None, :],

@@ -6,8 +6,15 @@ GLM5_OPS_BACKEND=cuda covers every op the model calls.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.3: the pointer kernel serves
+    TensorDescriptor = None
 
 from . import cuda_kernels as k
 from .ep import ep_combine, ep_dispatch  # re-exported: see the module docstring
@@ -19,11 +26,12 @@ __all__ = ["grouped_mlp", "moe_unpermute", "moe_route", "moe_permute", "ep_dispa
 # "up" is the gate/up GEMM with SwiGLU fused, "down" the down projection. impl "triton" runs
 # grouped_gemm_kernel, whose tiles take up to bm2 rows past their bm (0: none; see the kernel);
 # "grouped_mm" runs torch._grouped_mm (bf16 only; SwiGLU then a separate Triton pass over the
-# [N, 2I] product).
+# [N, 2I] product). tma: the Triton GEMM fetches its tiles with tensor descriptors on sm_90+
+# (grouped_gemm_tma_kernel) where rows are 16-byte aligned.
 CONFIG = {
-    "up_impl": "triton", "down_impl": "triton",
+    "up_impl": "triton", "down_impl": "triton", "tma": 1,
     "bm": 128, "bm2": 64, "up_bn": 128, "up_bk": 64, "up_warps": 8, "up_stages": 4,
-    "down_bn": 256, "down_bk": 64, "down_warps": 8, "down_stages": 3, "group": 4, "order": "expert",
+    "down_bn": 256, "down_bk": 64, "down_warps": 8, "down_stages": 4, "group": 4, "order": "expert",
 }
 
 
@@ -66,14 +74,43 @@ def _span() -> int:
     return CONFIG["bm"] + bm2
 
 
+def _tma(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Tensor descriptors: CONFIG tma, a Hopper or later GPU (or Triton's CPU interpreter), 16-byte rows."""
+    if not CONFIG["tma"] or TensorDescriptor is None or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    return all(row * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+               for t, row in ((x, x.stride(0)), (w, w.stride(1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _max_smem(device: torch.device) -> int:
+    """Shared memory a block may use on this GPU (232448 bytes on an H100/H200, 166912 on an A100)."""
+    if device.type != "cuda":
+        return 1 << 30  # Triton's CPU interpreter
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
 def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, stages):
     cfg = CONFIG
     if x.element_size() > 2:  # float32 tiles: half the K step and fewer stages fit shared memory
         bk, stages = bk // 2, min(stages, 3)
+    # As many pipeline stages as this GPU's shared memory holds (the settings are an H200's).
+    per_stage = (cfg["bm"] + (cfg["bm2"] or 0) + (2 if swiglu else 1) * bn) * bk * x.element_size()
+    stages = max(1, min(stages, (_max_smem(x.device) - 1024) // per_stage))
     k_dim = x.shape[1]
     num_n = triton.cdiv(n_out, bn)
     by_expert = cfg["order"] == "expert"
     order = _order(counts, P, num_n, _span()) if by_expert else tiles
+    if _tma(x, w):
+        bm, bm2 = cfg["bm"], max(16, cfg["bm2"])
+        E, w_rows = w.shape[0], w.shape[1]
+        k.grouped_gemm_tma_kernel[(P * num_n,)](
+            TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(x, [bm2, bk]),
+            TensorDescriptor.from_tensor(w.view(E * w_rows, k_dim), [bn, bk]), out, tiles, P, n_out, k_dim,
+            w_rows, up_off, out.stride(0), order, P * num_n, NUM_N=num_n, BM=bm, BM2=bm2, BN=bn, BK=bk,
+            GROUP=cfg["group"], SWIGLU=swiglu, PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            BY_EXPERT=by_expert, REM=cfg["bm2"] > 0, num_warps=warps, num_stages=stages)
+        return
     k.grouped_gemm_kernel[(P * num_n,)](
         x, w, out, tiles, P, x.shape[0], n_out, k_dim, up_off, x.stride(0), w.stride(0), w.stride(1),
         out.stride(0), order, P * num_n, NUM_N=num_n, BM=cfg["bm"], BM2=max(16, cfg["bm2"]), BN=bn, BK=bk,

@@ -50,6 +50,31 @@ def _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_step, k_dim, BM: tl.constexpr, BM2: tl.
 
 
 @triton.jit
+def _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N: tl.constexpr, GROUP: tl.constexpr,
+                     BY_EXPERT: tl.constexpr):
+    """(expert or -1, first row, end row of the expert, N tile) of this program; see grouped_gemm_kernel."""
+    pid = tl.program_id(0)
+    if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
+        mt = tl.load(order_ptr + pid)
+        nt = tl.load(order_ptr + n_progs + pid)
+    else:
+        per_group = GROUP * NUM_N
+        mt = (pid // per_group) * GROUP + pid % GROUP
+        nt = (pid % per_group) // GROUP
+    e = tl.load(tiles_ptr + tl.maximum(mt, 0))
+    e = tl.where(mt >= 0, e, -1)
+    r0 = tl.load(tiles_ptr + n_tiles_pad + tl.maximum(mt, 0))
+    r1 = tl.load(tiles_ptr + 2 * n_tiles_pad + tl.maximum(mt, 0))
+    return e, r0, r1, nt
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, rows, r_end, cols, n_out, s_o):
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows < r_end)[:, None] & (cols < n_out)[None, :])
+
+
+@triton.jit
 def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out, k_dim, up_off,
                         s_x, s_we, s_wn, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
                         BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
@@ -67,18 +92,8 @@ def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out,
     N tile, then M tile fastest), else GROUP M tiles at a time, M fastest; either way the tiles of
     one expert run side by side and share each weight tile through L2 (weights, not activations,
     dominate the bytes at GLM-5's ~128 rows/expert)."""
-    pid = tl.program_id(0)
-    if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
-        mt = tl.load(order_ptr + pid)
-        nt = tl.load(order_ptr + n_progs + pid)
-    else:
-        per_group = GROUP * NUM_N
-        mt = (pid // per_group) * GROUP + pid % GROUP
-        nt = (pid % per_group) // GROUP
-    e = tl.load(tiles_ptr + tl.maximum(mt, 0))
-    if (e >= 0) & (mt >= 0):
-        r0 = tl.load(tiles_ptr + n_tiles_pad + mt)
-        r1 = tl.load(tiles_ptr + 2 * n_tiles_pad + mt)
+    e, r0, r1, nt = _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N, GROUP, BY_EXPERT)
+    if e >= 0:
         rows = r0 + tl.arange(0, BM)
         cols = nt * BN + tl.arange(0, BN)
         offs_k = tl.arange(0, BK)
@@ -92,14 +107,62 @@ def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out,
         if REM and (r1 > r0 + BM):
             acc, acc2 = _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_off * s_wn, k_dim, BM, BM2, BN, BK, True,
                                  SWIGLU, EVEN_K, PREC)
-            tl.store(out_ptr + rows2.to(tl.int64)[:, None] * s_o + cols[None, :],
-                     acc2.to(out_ptr.dtype.element_ty), mask=(rows2 < r1)[:, None] & (cols < n_out)[None, :])
+            _store_tile(out_ptr, acc2, rows2, r1, cols, n_out, s_o)
         else:
             acc, acc2 = _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_off * s_wn, k_dim, BM, BM2, BN, BK, False,
                                  SWIGLU, EVEN_K, PREC)
-        omask = (rows < tl.minimum(r1, r0 + BM))[:, None] & (cols < n_out)[None, :]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_o + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _store_tile(out_ptr, acc, rows, tl.minimum(r1, r0 + BM), cols, n_out, s_o)
+
+
+@triton.jit
+def _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM: tl.constexpr, BM2: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, REM: tl.constexpr, SWIGLU: tl.constexpr, PREC: tl.constexpr):
+    """_tile_mm with every tile fetched by the tensor-memory accelerator (zeros past the edges)."""
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    acc_g2 = tl.zeros([BM2, BN], tl.float32)
+    acc_u2 = tl.zeros([BM2, BN], tl.float32)
+    for k0 in range(0, k_dim, BK):
+        a = x_desc.load([r0, k0])
+        bg = w_desc.load([wrow, k0])
+        acc_g = tl.dot(a, bg.T, acc_g, input_precision=PREC)
+        if REM:
+            a2 = x2_desc.load([r0 + BM, k0])
+            acc_g2 = tl.dot(a2, bg.T, acc_g2, input_precision=PREC)
+        if SWIGLU:
+            bu = w_desc.load([wrow + up_off, k0])
+            acc_u = tl.dot(a, bu.T, acc_u, input_precision=PREC)
+            if REM:
+                acc_u2 = tl.dot(a2, bu.T, acc_u2, input_precision=PREC)
+    if SWIGLU:
+        acc_g = acc_g * tl.sigmoid(acc_g) * acc_u
+        acc_g2 = acc_g2 * tl.sigmoid(acc_g2) * acc_u2
+    return acc_g, acc_g2
+
+
+@triton.jit
+def grouped_gemm_tma_kernel(x_desc, x2_desc, w_desc, out_ptr, tiles_ptr, n_tiles_pad, n_out, k_dim, w_rows,
+                            up_off, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
+                            BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                            SWIGLU: tl.constexpr, PREC: tl.constexpr, BY_EXPERT: tl.constexpr, REM: tl.constexpr):
+    """grouped_gemm_kernel with tensor descriptors (Hopper and later): x_desc / x2_desc over x [N, K]
+    in [BM, BK] / [BM2, BK] blocks, w_desc over the weights as [E * w_rows, K] in [BN, BK] blocks.
+    The copies need no address registers, which the pointer kernel spends on its [BM, BK] and
+    [BN, BK] pointer tiles; rows a tile reads past its expert are computed and not stored."""
+    e, r0, r1, nt = _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N, GROUP, BY_EXPERT)
+    if e >= 0:
+        rows = r0 + tl.arange(0, BM)
+        rows2 = r0 + BM + tl.arange(0, BM2)
+        cols = nt * BN + tl.arange(0, BN)
+        wrow = e * w_rows + nt * BN
+        if REM and (r1 > r0 + BM):
+            acc, acc2 = _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM, BM2, BN, BK, True,
+                                     SWIGLU, PREC)
+            _store_tile(out_ptr, acc2, rows2, r1, cols, n_out, s_o)
+        else:
+            acc, acc2 = _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM, BM2, BN, BK, False,
+                                     SWIGLU, PREC)
+        _store_tile(out_ptr, acc, rows, tl.minimum(r1, r0 + BM), cols, n_out, s_o)
 
 
 @triton.jit

@@ -392,10 +392,12 @@ def _moe_case(T, E, topk, D, inter, dtype, empty_experts=(), seed=0):
 
 
 # "triton_rem": 16-row tiles that take up to 16 more rows each (CONFIG bm2), so small cases have
-# experts with rows past a tile, exactly at it, and short of it.
-_TRITON = {"up_impl": "triton", "down_impl": "triton"}
+# experts with rows past a tile, exactly at it, and short of it. "triton" fetches tiles with tensor
+# descriptors (on sm_90+ and in the interpreter), "triton_pointers" with pointer loads (older GPUs).
+_TRITON = {"up_impl": "triton", "down_impl": "triton", "tma": 1}
 IMPLS = {"triton": _TRITON, "grouped_mm": {"up_impl": "grouped_mm", "down_impl": "grouped_mm"},
-         "triton_rem": {**_TRITON, "bm": 16, "bm2": 16}}
+         "triton_rem": {**_TRITON, "bm": 16, "bm2": 16}, "triton_pointers": {**_TRITON, "tma": 0},
+         "triton_pointers_rem": {**_TRITON, "bm": 16, "bm2": 16, "tma": 0}}
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
@@ -429,7 +431,7 @@ def test_grouped_mlp_glm5_shape():
     x, ids, w13, w2 = _moe_case(300, 256, 8, 6144, 2048, torch.bfloat16, empty_experts=(7, 100))
     permuted, order, counts = moe_ref.moe_permute(x, ids, 256)
     want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
-    for impl, extra in (("triton", {}), ("grouped_mm", {}), ("triton", {"bm2": 0})):
+    for impl, extra in (("triton", {}), ("grouped_mm", {}), ("triton", {"bm2": 0}), ("triton", {"tma": 0})):
         cfg = moe().CONFIG
         old = dict(cfg)
         cfg.update(up_impl=impl, down_impl=impl, **extra)
