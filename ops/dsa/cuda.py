@@ -14,6 +14,7 @@ import warnings
 import torch
 import triton
 from triton.errors import TritonError
+from triton.runtime.errors import OutOfResources
 
 from . import cuda_kernels as k
 from .reference import interleaved_rope  # noqa: F401  (elementwise: torch is fine; re-exported so
@@ -198,30 +199,61 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
             SM90_DISABLED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
             warnings.warn(f"sparse_mla_attention: the sm90 kernel does not compile with Triton {triton.__version__} "
                           f"({SM90_DISABLED[0]}); using the portable Triton kernel", stacklevel=2)
-    cfg = CONFIG
-    block_h = max(16, min(CONFIG["mla_block_h"], _p2(H)))  # tl.dot needs M >= 16
-    hb = triton.cdiv(H, block_h)
-    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, cfg["mla_block_n"])
     B = seq_lens.shape[0]
-    preslot = cfg["mla_preslot"]
-    if preslot:
+    if CONFIG["mla_preslot"]:  # positions -> cache slots once, outside the attention kernel
         assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
         slots = torch.empty((T, K), dtype=torch.int32, device=q_latent.device)
         k.mla_slots_kernel[(T, triton.cdiv(K, 1024))](
             idx, block_tables, cu_seqlens_q, seq_lens, slots, B, K, idx.stride(0), block_tables.stride(0),
             B_P=_p2(B, 2), BLOCK_SIZE=latent_cache.shape[1], BLOCK=1024, num_warps=4)
         idx = slots
+    want = (max(16, min(CONFIG["mla_block_h"], _p2(H))), CONFIG["mla_block_n"])  # tl.dot needs M >= 16
+    key = (q_latent.device, dt, R, DR, want)
+    tiles = [_FITTED[key]] if key in _FITTED else _smaller_tiles(want)
+    for i, (block_h, block_n) in enumerate(tiles):
+        try:
+            _sparse_mla_triton(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
+                               softmax_scale, block_h, block_n)
+        except OutOfResources as e:
+            if i + 1 == len(tiles):
+                raise RuntimeError(f"sparse_mla_attention (cuda): no tile of the Triton kernel fits this GPU's shared "
+                                   f"memory ({e}); use GLM5_OPS_BACKEND_SPARSE_MLA_ATTENTION=reference") from e
+            continue
+        _FITTED[key] = (block_h, block_n)
+        break
+    return (out, lse) if return_lse else out
+
+
+# The Triton kernel's (block_h, block_n) per (device, dtype, R, Dr, configured tiles), once a
+# launch has shown what fits: the configured tiles are an H200's and fit an A100; GPUs with 99 KB
+# of shared memory per block (L4, L40, RTX 4090) need 32 x 32 at GLM-5's dims.
+_FITTED: dict = {}
+
+
+def _smaller_tiles(want: tuple[int, int]) -> list[tuple[int, int]]:
+    """want, then smaller (block_h, block_n) to try when a launch needs more shared memory than the GPU has."""
+    return list(dict.fromkeys([want] + [(min(want[0], h), min(want[1], n)) for h, n in ((32, 32), (16, 32), (16, 16))]))
+
+
+def _sparse_mla_triton(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
+                       softmax_scale, block_h, block_n) -> None:
+    """sparse_mla_attention through cuda_kernels.sparse_mla_kernel (idx holds slots with mla_preslot)."""
+    cfg = CONFIG
+    T, H, R = ql.shape
+    K = idx.shape[1]
+    hb = triton.cdiv(H, block_h)
+    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, block_n)
+    B = seq_lens.shape[0]
     k.sparse_mla_kernel[(T, hb, splits)](
         ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, part_o, part_l,
         B, H, K, split_len, ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1),
         block_tables.stride(0), idx.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), float(softmax_scale) * 1.4426950408889634,
-        R=R, DR=DR, R_P=_p2(R), DR_P=_p2(DR), BLOCK_H=block_h, B_P=_p2(B, 2),
-        BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=cfg["mla_block_n"], PREC=_prec(dt), PRESLOT=preslot,
-        num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
+        R=R, DR=qr.shape[-1], R_P=_p2(R), DR_P=_p2(qr.shape[-1]), BLOCK_H=block_h, B_P=_p2(B, 2),
+        BLOCK_SIZE=latent_cache.shape[1], BLOCK_N=block_n, PREC=_prec(latent_cache.dtype),
+        PRESLOT=cfg["mla_preslot"], num_warps=cfg["mla_warps"], num_stages=cfg["mla_stages"])
     if splits > 1:
         _combine(part_o, part_l, out, lse)
-    return (out, lse) if return_lse else out
 
 
 def _combine(part_o, part_l, out, lse) -> None:

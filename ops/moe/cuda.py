@@ -90,13 +90,22 @@ def _max_smem(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
+def fit_stages(stages: int, bn: int, bk: int, swiglu: bool, elem: int, smem: int, hopper: bool) -> int:
+    """Pipeline stages of the grouped GEMM that fit `smem` bytes (the settings are an H200's).
+
+    A stage holds the x tiles (bm + bm2 rows) and the weight tiles (bn rows, twice with SwiGLU), bk
+    wide. Triton keeps a buffer per stage on sm_90+ and one fewer on older GPUs
+    (tests/ops/test_smem_fit.py compiles for sm_80 and sm_89 to check)."""
+    per_stage = (CONFIG["bm"] + (CONFIG["bm2"] or 0) + (2 if swiglu else 1) * bn) * bk * elem
+    return max(1, min(stages, (smem - 1024) // per_stage + (0 if hopper else 1)))
+
+
 def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, stages):
     cfg = CONFIG
     if x.element_size() > 2:  # float32 tiles: half the K step and fewer stages fit shared memory
         bk, stages = bk // 2, min(stages, 3)
-    # As many pipeline stages as this GPU's shared memory holds (the settings are an H200's).
-    per_stage = (cfg["bm"] + (cfg["bm2"] or 0) + (2 if swiglu else 1) * bn) * bk * x.element_size()
-    stages = max(1, min(stages, (_max_smem(x.device) - 1024) // per_stage))
+    hopper = not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9
+    stages = fit_stages(stages, bn, bk, swiglu, x.element_size(), _max_smem(x.device), hopper)
     k_dim = x.shape[1]
     num_n = triton.cdiv(n_out, bn)
     by_expert = cfg["order"] == "expert"

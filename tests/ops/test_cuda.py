@@ -337,6 +337,42 @@ def test_sparse_mla_falls_back_when_the_sm90_kernel_does_not_compile(monkeypatch
     assert _rel(out.float(), want) < 2e-2
 
 
+class _SmallSharedMemory:
+    """Stands in for sparse_mla_kernel on a GPU with less shared memory: launches with more than
+    `limit` = block_h * block_n raise Triton's OutOfResources, as they do before running."""
+
+    def __init__(self, kernel, limit):
+        self.kernel, self.limit, self.tried = kernel, limit, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, **kwargs):
+            self.tried.append((kwargs["BLOCK_H"], kwargs["BLOCK_N"]))
+            if kwargs["BLOCK_H"] * kwargs["BLOCK_N"] > self.limit:
+                raise OutOfResources(155904, 101376, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_sparse_mla_fits_tiles_to_a_gpu_with_less_shared_memory(monkeypatch):
+    """The Triton kernel's tiles are an H200's; where they do not fit (99 KB GPUs such as an L40 need
+    32 x 32 at GLM-5's dims) it retries smaller ones, remembers the fit, and names the fix when none fits."""
+    small = _SmallSharedMemory(dsa().k.sparse_mla_kernel, 32 * 32)
+    monkeypatch.setattr(dsa().k, "sparse_mla_kernel", small)
+    monkeypatch.setattr(dsa(), "_FITTED", {})
+    monkeypatch.setitem(dsa().CONFIG, "mla_sm90", 0)
+    monkeypatch.setitem(dsa().CONFIG, "mla_block_n", 64)
+    args = _mla_case([300, 90], [1, 2], 64, 64, 16, 96, 16, torch.float32)
+    _check_mla(args, 80 ** -0.5, torch.float32)
+    assert small.tried[:2] == [(64, 64), (32, 32)] and set(small.tried[2:]) == {(32, 32)}
+    assert list(dsa()._FITTED.values()) == [(32, 32)]
+    small.limit = 0
+    with pytest.raises(RuntimeError, match="no tile of the Triton kernel fits.*GLM5_OPS_BACKEND_SPARSE_MLA_ATTENTION"):
+        monkeypatch.setattr(dsa(), "_FITTED", {})
+        dsa().sparse_mla_attention(*args, 0.1)
+
+
 SM90 = DEV.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 SM90_CASES = {
     # name: (ctx_lens, q_lens, H, K, block_size, pad_every): R = 512, Dr = 64 (the sm90 kernel's shapes)
