@@ -50,7 +50,7 @@ def _prec(dtype: torch.dtype) -> str:
 @functools.lru_cache(maxsize=None)
 def _sm90_module(device: torch.device):
     """ops/dsa/cuda_sm90.py on an sm_90 GPU whose Triton has Gluon, else None."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+    if device.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(device) != (9, 0):
         return None
     try:
         from . import cuda_sm90
@@ -208,24 +208,25 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
             B_P=_p2(B, 2), BLOCK_SIZE=latent_cache.shape[1], BLOCK=1024, num_warps=4)
         idx = slots
     want = (max(16, min(CONFIG["mla_block_h"], _p2(H))), CONFIG["mla_block_n"])  # tl.dot needs M >= 16
-    key = (q_latent.device, dt, R, DR, want)
-    tiles = [_FITTED[key]] if key in _FITTED else _smaller_tiles(want)
+    key = (q_latent.device, dt, R, DR, want, CONFIG["mla_warps"], CONFIG["mla_stages"])
+    tiles = _smaller_tiles(want)
+    tiles = tiles[tiles.index(_FITTED[key]):] if key in _FITTED else tiles  # a known fit first, then smaller
     for i, (block_h, block_n) in enumerate(tiles):
         try:
             _sparse_mla_triton(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_q, seq_lens, idx, out, lse,
                                softmax_scale, block_h, block_n)
-        except OutOfResources as e:
+        except OutOfResources as e:  # raised before the launch, so nothing was written
             if i + 1 == len(tiles):
-                raise RuntimeError(f"sparse_mla_attention (cuda): no tile of the Triton kernel fits this GPU's shared "
-                                   f"memory ({e}); use GLM5_OPS_BACKEND_SPARSE_MLA_ATTENTION=reference") from e
+                raise RuntimeError(f"sparse_mla_attention (cuda): no tile of the Triton kernel fits this GPU ({e}); "
+                                   "use GLM5_OPS_BACKEND_SPARSE_MLA_ATTENTION=reference") from e
             continue
         _FITTED[key] = (block_h, block_n)
         break
     return (out, lse) if return_lse else out
 
 
-# The Triton kernel's (block_h, block_n) per (device, dtype, R, Dr, configured tiles), once a
-# launch has shown what fits: the configured tiles are an H200's and fit an A100; GPUs with 99 KB
+# The Triton kernel's (block_h, block_n) per (device, dtype, R, Dr, configured tiles, warps,
+# stages), once a launch has shown what fits: the configured tiles are an H200's and fit an A100; GPUs with 99 KB
 # of shared memory per block (L4, L40, RTX 4090) need 32 x 32 at GLM-5's dims.
 _FITTED: dict = {}
 
@@ -260,8 +261,8 @@ def _combine(part_o, part_l, out, lse) -> None:
     """Merge per-split outputs [S, T, H, R] and lse [S, T, H] into out / lse by their lse weights."""
     splits, T, H, R = part_o.shape
     block_h = min(CONFIG["mla_combine_heads"], _p2(H, 1))
-    pdl = (bool(CONFIG["mla_pdl"]) and k.gdc_wait is not None and out.is_cuda
-           and torch.cuda.get_device_capability(out.device)[0] >= 9)
+    pdl = (bool(CONFIG["mla_pdl"]) and k.gdc_wait is not None and out.is_cuda and torch.version.hip is None
+           and torch.cuda.get_device_capability(out.device)[0] >= 9)  # PTX griddepcontrol: NVIDIA sm_90+
     k.mla_combine_kernel[(T, triton.cdiv(H, block_h))](
         part_o, part_l, out, lse, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),

@@ -11,7 +11,7 @@ import triton.language as tl
 
 try:
     from triton.language.extra.cuda import gdc_wait
-except ImportError:  # Triton < 3.3 has no programmatic dependent launch: cuda.py then does not ask for it
+except ImportError:  # a Triton without programmatic dependent launch: cuda.py then does not ask for it
     gdc_wait = None
 
 

@@ -76,7 +76,9 @@ def _span() -> int:
 
 def _tma(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Tensor descriptors: CONFIG tma, a Hopper or later GPU (or Triton's CPU interpreter), 16-byte rows."""
-    if not CONFIG["tma"] or TensorDescriptor is None or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9):
+    if not CONFIG["tma"] or TensorDescriptor is None:
+        return False
+    if x.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(x.device)[0] < 9):
         return False
     return all(row * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
                for t, row in ((x, x.stride(0)), (w, w.stride(1))))
@@ -94,8 +96,8 @@ def fit_stages(stages: int, bn: int, bk: int, swiglu: bool, elem: int, smem: int
     """Pipeline stages of the grouped GEMM that fit `smem` bytes (the settings are an H200's).
 
     A stage holds the x tiles (bm + bm2 rows) and the weight tiles (bn rows, twice with SwiGLU), bk
-    wide. Triton keeps a buffer per stage on sm_90+ and one fewer on older GPUs
-    (tests/ops/test_smem_fit.py compiles for sm_80 and sm_89 to check)."""
+    wide. Triton keeps a buffer per stage with hopper (sm_90, sm_100) and one fewer elsewhere
+    (tests/ops/test_smem_fit.py compiles for sm_80, sm_89 and sm_90 to check)."""
     per_stage = (CONFIG["bm"] + (CONFIG["bm2"] or 0) + (2 if swiglu else 1) * bn) * bk * elem
     return max(1, min(stages, (smem - 1024) // per_stage + (0 if hopper else 1)))
 
@@ -104,7 +106,8 @@ def _gemm(x, w, out, tiles, P, counts, n_out, up_off, swiglu, bn, bk, warps, sta
     cfg = CONFIG
     if x.element_size() > 2:  # float32 tiles: half the K step and fewer stages fit shared memory
         bk, stages = bk // 2, min(stages, 3)
-    hopper = not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9
+    # sm_90 / sm_100 (wgmma, tcgen05) keep a buffer per stage; sm_80-89 and sm_120 (mma v2) one fewer.
+    hopper = not x.is_cuda or 9 <= torch.cuda.get_device_capability(x.device)[0] < 12
     stages = fit_stages(stages, bn, bk, swiglu, x.element_size(), _max_smem(x.device), hopper)
     k_dim = x.shape[1]
     num_n = triton.cdiv(n_out, bn)

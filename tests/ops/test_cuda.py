@@ -367,9 +367,11 @@ def test_sparse_mla_fits_tiles_to_a_gpu_with_less_shared_memory(monkeypatch):
     _check_mla(args, 80 ** -0.5, torch.float32)
     assert small.tried[:2] == [(64, 64), (32, 32)] and set(small.tried[2:]) == {(32, 32)}
     assert list(dsa()._FITTED.values()) == [(32, 32)]
+    small.limit, small.tried = 16 * 32, []  # a remembered fit that stops fitting: smaller tiles are tried next
+    _check_mla(args, 80 ** -0.5, torch.float32)
+    assert small.tried[:2] == [(32, 32), (16, 32)] and list(dsa()._FITTED.values()) == [(16, 32)]
     small.limit = 0
     with pytest.raises(RuntimeError, match="no tile of the Triton kernel fits.*GLM5_OPS_BACKEND_SPARSE_MLA_ATTENTION"):
-        monkeypatch.setattr(dsa(), "_FITTED", {})
         dsa().sparse_mla_attention(*args, 0.1)
 
 

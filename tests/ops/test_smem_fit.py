@@ -1,12 +1,13 @@
 """The cuda backend's Triton kernels fit the shared memory of GPUs older or smaller than an H200.
 
 The launch settings in ops/*/cuda.py were tuned on an H200 (227 KB of shared memory per block). An
-A100 has 163 KB and the sm_86 / sm_89 parts (A10, L4, L40, RTX 3090 / 4090) 99 KB. The wrappers fit
+A100 has 163 KB, and the sm_86 / sm_89 / sm_120 parts (A10, L4, L40, RTX 3090 / 4090 / 5090) 99 KB. The wrappers fit
 their settings to the GPU: grouped_mlp caps its pipeline stages (moe.cuda.fit_stages), and
 sparse_mla_attention retries smaller tiles when a launch runs out of shared memory (dsa.cuda
 _smaller_tiles; the retry itself is tested in test_cuda.py). Triton compiles for a named target
 without a GPU, so this checks, on any host with Triton, that what the wrappers would launch on those
-GPUs fits them. Only the compile is checked here; no such GPU has run these kernels.
+GPUs fits them (and, for sm_90, that the H200's own settings fit it). Only the compile is checked
+here; of these GPUs only an H200 has run the kernels.
 
 The compile runs in a child process without TRITON_INTERPRET, which tests/conftest.py may set.
 """
@@ -23,7 +24,9 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs triton (scripts/setup.sh --dev installs it on x86_64)")
 
-GPUS = {"A100 (sm_80)": (80, 166912), "L40 (sm_89)": (89, 101376)}  # opt-in shared memory per block, bytes
+# Opt-in shared memory per block, bytes. On sm_90 grouped_mlp takes the tensor-descriptor kernel.
+GPUS = {"A100 (sm_80)": (80, 166912), "L40 (sm_89)": (89, 101376), "H100 (sm_90)": (90, 232448),
+        "RTX 5090 (sm_120)": (120, 101376)}
 
 _CHILD = r'''
 import json, sys
@@ -37,7 +40,7 @@ cap, smem = json.loads(sys.argv[1])
 # Integer arguments the launcher would see as multiples of 16 at GLM-5's shapes (it specialises them).
 DIV16 = {"s_qlt", "s_qlh", "s_qrt", "s_qrh", "s_idx", "s_os", "s_ot", "s_oh", "s_ls", "s_lt", "K", "split_len",
          "s_qt", "s_qh", "s_wt", "s_bt", "s_score", "s_x", "s_we", "s_wn", "s_o", "k_dim", "n_out", "up_off",
-         "s_key", "s_out"}
+         "w_rows", "s_key", "s_out"}
 
 
 def shared(fn, sig, consts, warps, stages):
@@ -74,17 +77,28 @@ sel_sig = dict(key_ptr="*i32", out_ptr="*i32", cu_ptr="*i32", seq_lens_ptr="*i32
 out["topk_select"] = shared(dk.topk_select_kernel, sel_sig, dict(B_P=64, CHUNK=cfg["topk_chunk"], DIGIT=cfg["topk_digit"],
                                                                  REG=cfg["topk_reg"]), cfg["topk_warps"], 3)
 mc = moe.CONFIG
-gg_sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", tiles_ptr="*i32",
-              **{n: "i32" for n in ("n_tiles_pad", "N", "n_out", "k_dim", "up_off", "s_x", "s_we", "s_wn", "s_o")},
-              order_ptr="*i32", n_progs="i32")
+bm, bm2 = mc["bm"], max(16, mc["bm2"])
 for name, swiglu, bn, bk, warps, stages in (("up", True, mc["up_bn"], mc["up_bk"], mc["up_warps"], mc["up_stages"]),
                                             ("down", False, mc["down_bn"], mc["down_bk"], mc["down_warps"],
                                              mc["down_stages"])):
-    fitted = moe.fit_stages(stages, bn, bk, swiglu, 2, smem, hopper=cap >= 90)
-    consts = dict(NUM_N=16, BM=mc["bm"], BM2=max(16, mc["bm2"]), BN=bn, BK=bk, GROUP=mc["group"], SWIGLU=swiglu,
-                  EVEN_K=True, PREC="tf32", BY_EXPERT=True, REM=mc["bm2"] > 0)
-    out[f"grouped_{name}"] = {"stages": fitted, "shared": shared(mk.grouped_gemm_kernel, gg_sig, consts, warps, fitted),
-                              "one_more": shared(mk.grouped_gemm_kernel, gg_sig, consts, warps, fitted + 1)}
+    fitted = moe.fit_stages(stages, bn, bk, swiglu, 2, smem, hopper=90 <= cap < 120)
+    consts = dict(NUM_N=16, BM=bm, BM2=bm2, BN=bn, BK=bk, GROUP=mc["group"], SWIGLU=swiglu, PREC="tf32",
+                  BY_EXPERT=True, REM=mc["bm2"] > 0)
+    if cap >= 90:  # what grouped_mlp launches there (16-byte aligned rows)
+        fn = mk.grouped_gemm_tma_kernel
+        sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}]>", x2_desc=f"tensordesc<bf16[{bm2}, {bk}]>",
+                   w_desc=f"tensordesc<bf16[{bn}, {bk}]>", out_ptr="*bf16", tiles_ptr="*i32",
+                   **{n: "i32" for n in ("n_tiles_pad", "n_out", "k_dim", "w_rows", "up_off", "s_o")},
+                   order_ptr="*i32", n_progs="i32")
+    else:
+        fn, consts = mk.grouped_gemm_kernel, dict(consts, EVEN_K=True)
+        sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", tiles_ptr="*i32",
+                   **{n: "i32" for n in ("n_tiles_pad", "N", "n_out", "k_dim", "up_off", "s_x", "s_we", "s_wn", "s_o")},
+                   order_ptr="*i32", n_progs="i32")
+        consts = {n: consts[n] for n in ("NUM_N", "BM", "BM2", "BN", "BK", "GROUP", "SWIGLU", "EVEN_K", "PREC",
+                                         "BY_EXPERT", "REM")}  # the kernel's parameter order
+    out[f"grouped_{name}"] = {"stages": fitted, "shared": shared(fn, sig, consts, warps, fitted),
+                              "one_more": shared(fn, sig, consts, warps, fitted + 1)}
 print(json.dumps(out))
 '''
 
@@ -104,7 +118,7 @@ def test_sparse_mla_triton_kernel_has_a_tile_that_fits(gpu):
     name, smem, got = gpu
     fits = [tile for tile, used in got["sparse_mla"].items() if used <= smem]
     assert fits, f"{name}: no tile of sparse_mla_kernel fits {smem} bytes: {got['sparse_mla']}"
-    if name.startswith("A100"):  # the H200's tiles fit an A100 as they are
+    if name.startswith(("A100", "H100")):  # the H200's tiles fit these as they are
         assert next(iter(got["sparse_mla"].values())) <= smem, got["sparse_mla"]
 
 
