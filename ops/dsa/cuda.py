@@ -264,9 +264,9 @@ def _combine(part_o, part_l, out, lse) -> None:
     pdl = (bool(CONFIG["mla_pdl"]) and k.gdc_wait is not None and out.is_cuda and torch.version.hip is None
            and torch.cuda.get_device_capability(out.device)[0] >= 9)  # PTX griddepcontrol: NVIDIA sm_90+
     k.mla_combine_kernel[(T, triton.cdiv(H, block_h))](
-        part_o, part_l, out, lse, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_o, part_l, out, lse, splits, H, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        SPLITS=splits, R=R, R_P=_p2(R), BLOCK_H=block_h, PDL=pdl, num_warps=4,
+        SPLITS_P=_p2(splits, 2), R=R, R_P=_p2(R), BLOCK_H=block_h, PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}))
 
 

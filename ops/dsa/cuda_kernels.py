@@ -306,14 +306,15 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, lat_ptr, rope_ptr, bt_ptr, cu_ptr, seq_len
 
 
 @triton.jit
-def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, H, s_ps, s_pt, s_ph, s_pls, s_plt,
-                       s_ot, s_oh, s_lt, SPLITS: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr,
+def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, n_splits, H, s_ps, s_pt, s_ph, s_pls, s_plt,
+                       s_ot, s_oh, s_lt, SPLITS_P: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr,
                        BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """Merge the splits' normalised outputs of BLOCK_H heads of one token by their lse weights.
+    """Merge the n_splits normalised outputs of BLOCK_H heads of one token by their lse weights.
 
-    The split loops are unrolled (SPLITS is a compile-time constant), so every split's loads are
-    issued at once instead of one memory round trip per split. With PDL (launched as a
-    programmatic dependent of the attention kernel) it first waits for that kernel's writes."""
+    The split loops are unrolled to SPLITS_P (n_splits rounded up to a power of two, so a handful of
+    compiled variants serve every batch), so every split's loads are issued at once instead of one
+    memory round trip per split. With PDL (launched as a programmatic dependent of the attention
+    kernel) it first waits for that kernel's writes."""
     if PDL:
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
@@ -321,17 +322,19 @@ def mla_combine_kernel(po_ptr, plse_ptr, o_ptr, lse_ptr, H, s_ps, s_pt, s_ph, s_
     offs_r = tl.arange(0, R_P)
     hm = offs_h < H
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")))
+    for s in tl.static_range(SPLITS_P):
+        m = tl.maximum(m, tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm & (s < n_splits),
+                                  other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R_P], tl.float32)
     mask = hm[:, None] & (offs_r[None, :] < R)
-    for s in tl.static_range(SPLITS):
-        w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm, other=float("-inf")) - m_safe)
-        den += w  # empty splits weigh 0
+    for s in tl.static_range(SPLITS_P):
+        w = tl.exp(tl.load(plse_ptr + s * s_pls + t * s_plt + offs_h, mask=hm & (s < n_splits),
+                           other=float("-inf")) - m_safe)
+        den += w  # empty (and absent) splits weigh 0
         acc += w[:, None] * tl.load(po_ptr + s * s_ps + t * s_pt + offs_h[:, None] * s_ph + offs_r[None, :],
-                                    mask=mask, other=0.0)
+                                    mask=mask & (s < n_splits), other=0.0)
     has = den > 0
     out = acc / tl.where(has, den, 1.0)[:, None]
     tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_r[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
