@@ -242,8 +242,12 @@ def _apply_overrides(items: list[str]) -> None:
         if name not in cfg:
             raise ValueError(f"--set {item!r}: no setting {name!r}; {family} has {', '.join(cfg)}")
         old = cfg[name]
-        cfg[name] = (value if isinstance(old, str) else None if value == "None"
-                     else float(value) if isinstance(old, float) else int(value))
+        kind = float if isinstance(old, float) else int
+        try:
+            cfg[name] = value if isinstance(old, str) else None if value == "None" else kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} takes {'a number' if kind is float else 'an integer'} "
+                             f"(now {old!r})") from None
 
 
 def run_case(name: str, device: torch.device, timer: Timer, iters: int, peaks: tuple[float, float]) -> dict:
