@@ -225,9 +225,9 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     return (out, lse) if return_lse else out
 
 
-# The Triton kernel's (block_h, block_n) per (device, dtype, R, Dr, configured tiles, warps,
-# stages), once a launch has shown what fits: the configured tiles are an H200's and fit an A100; GPUs with 99 KB
-# of shared memory per block (L4, L40, RTX 4090) need 32 x 32 at GLM-5's dims.
+# The Triton kernel's (block_h, block_n) per (device, dtype, R, Dr, configured tiles, warps, stages),
+# once a launch has shown what fits: the configured tiles are an H200's and fit an A100; GPUs with
+# 99 KB of shared memory per block (L4, L40, RTX 4090 / 5090) need 32 x 32 at GLM-5's dims.
 _FITTED: dict = {}
 
 

@@ -13,7 +13,7 @@ import triton
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton < 3.3: the pointer kernel serves
+except ImportError:  # a Triton without tensor descriptors: the pointer kernel serves
     TensorDescriptor = None
 
 from . import cuda_kernels as k
