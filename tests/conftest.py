@@ -18,8 +18,13 @@ def _triton_interpreter_works() -> bool:
     import torch
     if torch.cuda.is_available():
         return False
-    from importlib.metadata import version
-    tri = tuple(int(x) for x in version("triton").split(".")[:2])
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        tri_version = version("triton")
+    except PackageNotFoundError:  # shipped under another name (pytorch-triton): ask the module
+        import triton
+        tri_version = triton.__version__
+    tri = tuple(int(x) for x in tri_version.split(".")[:2])
     npy = tuple(int(x) for x in version("numpy").split(".")[:2])
     return not (tri < (3, 7) and npy >= (2, 4))
 
