@@ -122,6 +122,18 @@ def grouped_mlp(x, counts, w13, w2):
     return _call("grouped_mlp", x.device, x, counts, w13, w2)
 
 
+def prepare_expert_weights(w13, w2):
+    """(w13, w2) in the layout grouped_mlp's backend reads fastest, for a model to keep after loading.
+
+    The cuda backend packs them in tiles (ops/moe/cuda.py pack_weights); the reference backend also
+    reads that form; other backends keep w13 [E, 2I, D] and w2 [E, D, I]. Packing copies the weights:
+    call it once, not per forward.
+    """
+    backend, _ = resolve("grouped_mlp", w13.device.type)
+    pack = getattr(_load("moe", backend), "pack_weights", None)
+    return pack(w13, w2) if pack else (w13, w2)
+
+
 def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group):
     """Expert-parallel dispatch -> (recv_hidden [N, D] grouped by local expert, recv_counts int64 [E_local], handle).
 

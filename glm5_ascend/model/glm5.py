@@ -156,7 +156,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n_local = split(cfg.n_routed_experts, ps.ep_size, "n_routed_experts")
         self.first = ps.ep_rank * self.n_local
-        inter = cfg.moe_intermediate_size
+        self.inter = inter = cfg.moe_intermediate_size
         self.w13_weight = _param(self.n_local, 2 * inter, cfg.hidden_size, dtype=dtype)
         self.w2_weight = _param(self.n_local, cfg.hidden_size, inter, dtype=dtype)
 
@@ -165,13 +165,22 @@ class Experts(nn.Module):
 
     def load_expert(self, expert: int, proj: str, loaded: torch.Tensor) -> None:
         e = expert - self.first
-        inter = self.w2_weight.shape[2]
+        inter = self.inter
         if proj == "gate_proj":
             _copy_loader(self.w13_weight.data[e, :inter], loaded)
         elif proj == "up_proj":
             _copy_loader(self.w13_weight.data[e, inter:], loaded)
         else:
             _copy_loader(self.w2_weight.data[e], loaded)
+
+    def prepare_weights(self) -> None:
+        """Once loaded: keep the weights in the layout grouped_mlp's backend reads fastest
+        (ops.prepare_expert_weights; the cuda backend packs them in tiles). No more loading after."""
+        w13, w2 = ops.prepare_expert_weights(self.w13_weight.data, self.w2_weight.data)
+        if w13 is not self.w13_weight.data:
+            self.w13_weight = nn.Parameter(w13, requires_grad=False)
+        if w2 is not self.w2_weight.data:
+            self.w2_weight = nn.Parameter(w2, requires_grad=False)
 
 
 class MoE(nn.Module):

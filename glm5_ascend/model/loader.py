@@ -81,7 +81,8 @@ def _targets(model: GlmMoeDsaForCausalLM) -> dict[str, tuple]:
 
 
 def load_weights(model: GlmMoeDsaForCausalLM, path: str | Path) -> None:
-    """Load a Hugging Face GLM-5 checkpoint into `model` (allocated on its final device)."""
+    """Load a Hugging Face GLM-5 checkpoint into `model` (allocated on its final device), then leave
+    the experts' weights in the layout the grouped_mlp backend reads fastest (Experts.prepare_weights)."""
     files = checkpoint_files(path)
     targets = _targets(model)
     mtp = model.cfg.mtp_layer_index
@@ -114,6 +115,9 @@ def load_weights(model: GlmMoeDsaForCausalLM, path: str | Path) -> None:
             handle = _open(f)
             for name in tensor_names:
                 _load_one(handle, f, name, targets[name])
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.prepare_weights()
 
 
 def _load_one(handle, f: Path, name: str, target: tuple) -> None:

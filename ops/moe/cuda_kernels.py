@@ -50,22 +50,40 @@ def _tile_mm(a_ptrs, a2_ptrs, g_ptrs, up_step, k_dim, BM: tl.constexpr, BM2: tl.
 
 
 @triton.jit
-def _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N: tl.constexpr, GROUP: tl.constexpr,
-                     BY_EXPERT: tl.constexpr):
-    """(expert or -1, first row, end row of the expert, N tile) of this program; see grouped_gemm_kernel."""
+def tile_table_kernel(counts_ptr, E, table_ptr, n_progs, NUM_N: tl.constexpr, SPAN: tl.constexpr,
+                      E_P: tl.constexpr, BLOCK: tl.constexpr):
+    """The grouped GEMM's program table, [4, n_progs] int32 (expert or -1, first row of the tile, end row
+    of the expert, N tile), from the rows per expert: expert by expert, then N tile, M tile fastest, so
+    an expert's tiles run side by side and share each weight tile through L2 (weights, not
+    activations, dominate the bytes at GLM-5's ~128 rows per expert). An expert with c rows has
+    cdiv(c, SPAN) M tiles of SPAN rows; programs past the last expert's get -1. One launch over the
+    device's counts: no host sync, and no chain of small torch ops (which took ~200 us here)."""
+    offs_e = tl.arange(0, E_P)
+    c = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    per = (c + SPAN - 1) // SPAN
+    pend = tl.cumsum(per * NUM_N, 0)  # each expert's end in program order
+    rend = tl.cumsum(c, 0)  # each expert's end row
+    pid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.sum((pend[None, :] <= pid[:, None]).to(tl.int32), axis=1)
+    sel = offs_e[None, :] == e[:, None]
+    per_e = tl.sum(tl.where(sel, per[None, :], 0), axis=1)
+    c_e = tl.sum(tl.where(sel, c[None, :], 0), axis=1)
+    local = pid - (tl.sum(tl.where(sel, pend[None, :], 0), axis=1) - per_e * NUM_N)
+    n_m = tl.maximum(per_e, 1)
+    r1 = tl.sum(tl.where(sel, rend[None, :], 0), axis=1)
+    m = pid < n_progs
+    tl.store(table_ptr + pid, tl.where(e < E, e, -1), mask=m)
+    tl.store(table_ptr + n_progs + pid, r1 - c_e + (local % n_m) * SPAN, mask=m)
+    tl.store(table_ptr + 2 * n_progs + pid, r1, mask=m)
+    tl.store(table_ptr + 3 * n_progs + pid, local // n_m, mask=m)
+
+
+@triton.jit
+def _tile_of_program(table_ptr, n_progs):
+    """(expert or -1, first row, end row of the expert, N tile) of this program (tile_table_kernel)."""
     pid = tl.program_id(0)
-    if BY_EXPERT:  # order_ptr: [2, n_progs] (M tile or -1, N tile), all of an expert's programs together
-        mt = tl.load(order_ptr + pid)
-        nt = tl.load(order_ptr + n_progs + pid)
-    else:
-        per_group = GROUP * NUM_N
-        mt = (pid // per_group) * GROUP + pid % GROUP
-        nt = (pid % per_group) // GROUP
-    e = tl.load(tiles_ptr + tl.maximum(mt, 0))
-    e = tl.where(mt >= 0, e, -1)
-    r0 = tl.load(tiles_ptr + n_tiles_pad + tl.maximum(mt, 0))
-    r1 = tl.load(tiles_ptr + 2 * n_tiles_pad + tl.maximum(mt, 0))
-    return e, r0, r1, nt
+    return (tl.load(table_ptr + pid), tl.load(table_ptr + n_progs + pid), tl.load(table_ptr + 2 * n_progs + pid),
+            tl.load(table_ptr + 3 * n_progs + pid))
 
 
 @triton.jit
@@ -75,24 +93,19 @@ def _store_tile(out_ptr, acc, rows, r_end, cols, n_out, s_o):
 
 
 @triton.jit
-def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out, k_dim, up_off,
-                        s_x, s_we, s_wn, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
-                        BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                        SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-                        BY_EXPERT: tl.constexpr, REM: tl.constexpr):
-    """out[rows of expert e] = x[rows] @ w[e]^T (w[e]: [n_out (+ up_off), k_dim], k contiguous).
+def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, table_ptr, n_progs, N, n_out, k_dim, up_off, s_x, s_we, s_wn, s_o,
+                        BM: tl.constexpr, BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr, REM: tl.constexpr):
+    """out[rows of expert e] = x[rows] @ w[e]^T (w[e]: [n_out (+ up_off), k_dim], k contiguous), with
+    pointer loads (GPUs before Hopper, rows that are not 16-byte aligned).
 
-    tiles_ptr holds [3, n_tiles_pad] int32: expert (-1 = unused), first row, end row of the expert,
-    for tiles of BM (+ BM2 with REM) rows sorted by expert. A tile multiplies its first BM rows, and
-    with REM its next BM2 rows when the expert has them: the rows an expert has beyond a multiple of
-    BM then share the weight tiles of the BM before them instead of costing a tile of their own,
-    which would read the weights once more and multiply mostly padding. With SWIGLU the program
-    also multiplies rows up_off.. of w[e] and writes silu(gate) * up, so the [N, 2I] gate/up
-    product never reaches memory. Program order: with BY_EXPERT from order_ptr (expert by expert,
-    N tile, then M tile fastest), else GROUP M tiles at a time, M fastest; either way the tiles of
-    one expert run side by side and share each weight tile through L2 (weights, not activations,
-    dominate the bytes at GLM-5's ~128 rows/expert)."""
-    e, r0, r1, nt = _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N, GROUP, BY_EXPERT)
+    table_ptr: tile_table_kernel's [4, n_progs] table. A tile multiplies its first BM rows, and with REM
+    its next BM2 rows when the expert has them: the rows an expert has beyond a multiple of BM then
+    share the weight tiles of the BM before them instead of costing a tile of their own, which would
+    read the weights once more and multiply mostly padding. With SWIGLU the program also multiplies
+    rows up_off.. of w[e] and writes silu(gate) * up, so the [N, 2I] gate/up product never reaches
+    memory."""
+    e, r0, r1, nt = _tile_of_program(table_ptr, n_progs)
     if e >= 0:
         rows = r0 + tl.arange(0, BM)
         cols = nt * BN + tl.arange(0, BN)
@@ -115,25 +128,35 @@ def grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, n_tiles_pad, N, n_out,
 
 
 @triton.jit
-def _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM: tl.constexpr, BM2: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, REM: tl.constexpr, SWIGLU: tl.constexpr, PREC: tl.constexpr):
-    """_tile_mm with every tile fetched by the tensor-memory accelerator (zeros past the edges)."""
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    acc_g2 = tl.zeros([BM2, BN], tl.float32)
-    acc_u2 = tl.zeros([BM2, BN], tl.float32)
+def _w_tile(w_desc, wrow, k0, KT, BN: tl.constexpr, BK: tl.constexpr, PACKED: tl.constexpr):
+    """The [BN, BK] weight tile at row wrow (a multiple of BN when PACKED), column k0."""
+    if PACKED:  # [BN, BK] tiles stored whole, (row tile, K tile) in row-major order: one 16 KB block
+        return w_desc.load([((wrow // BN) * KT + k0 // BK) * BN, 0])
+    else:
+        return w_desc.load([wrow, k0])
+
+
+@triton.jit
+def _tile_mm_swap(x_desc, xr_desc, w_desc, r0, wrow, up_off, k_dim, KT, BM: tl.constexpr, R: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, HAS_R: tl.constexpr, SWIGLU: tl.constexpr,
+                  PACKED: tl.constexpr, PREC: tl.constexpr):
+    """The K loop of one tile, transposed: [BN weight rows, BM (+ R) x rows] accumulators."""
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    acc_g2 = tl.zeros([BN, R], tl.float32)
+    acc_u2 = tl.zeros([BN, R], tl.float32)
     for k0 in range(0, k_dim, BK):
         a = x_desc.load([r0, k0])
-        bg = w_desc.load([wrow, k0])
-        acc_g = tl.dot(a, bg.T, acc_g, input_precision=PREC)
-        if REM:
-            a2 = x2_desc.load([r0 + BM, k0])
-            acc_g2 = tl.dot(a2, bg.T, acc_g2, input_precision=PREC)
+        bg = _w_tile(w_desc, wrow, k0, KT, BN, BK, PACKED)
+        acc_g = tl.dot(bg, a.T, acc_g, input_precision=PREC)
+        if HAS_R:
+            a2 = xr_desc.load([r0 + BM, k0])
+            acc_g2 = tl.dot(bg, a2.T, acc_g2, input_precision=PREC)
         if SWIGLU:
-            bu = w_desc.load([wrow + up_off, k0])
-            acc_u = tl.dot(a, bu.T, acc_u, input_precision=PREC)
-            if REM:
-                acc_u2 = tl.dot(a2, bu.T, acc_u2, input_precision=PREC)
+            bu = _w_tile(w_desc, wrow + up_off, k0, KT, BN, BK, PACKED)
+            acc_u = tl.dot(bu, a.T, acc_u, input_precision=PREC)
+            if HAS_R:
+                acc_u2 = tl.dot(bu, a2.T, acc_u2, input_precision=PREC)
     if SWIGLU:
         acc_g = acc_g * tl.sigmoid(acc_g) * acc_u
         acc_g2 = acc_g2 * tl.sigmoid(acc_g2) * acc_u2
@@ -141,28 +164,56 @@ def _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM: tl.conste
 
 
 @triton.jit
-def grouped_gemm_tma_kernel(x_desc, x2_desc, w_desc, out_ptr, tiles_ptr, n_tiles_pad, n_out, k_dim, w_rows,
-                            up_off, s_o, order_ptr, n_progs, NUM_N: tl.constexpr, BM: tl.constexpr,
-                            BM2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                            SWIGLU: tl.constexpr, PREC: tl.constexpr, BY_EXPERT: tl.constexpr, REM: tl.constexpr):
-    """grouped_gemm_kernel with tensor descriptors (Hopper and later): x_desc / x2_desc over x [N, K]
-    in [BM, BK] / [BM2, BK] blocks, w_desc over the weights as [E * w_rows, K] in [BN, BK] blocks.
-    The copies need no address registers, which the pointer kernel spends on its [BM, BK] and
-    [BN, BK] pointer tiles; rows a tile reads past its expert are computed and not stored."""
-    e, r0, r1, nt = _tile_of_program(tiles_ptr, order_ptr, n_tiles_pad, n_progs, NUM_N, GROUP, BY_EXPERT)
+def _store_tile_t(out_ptr, acc, rows, r_end, cols, n_out, s_o):
+    """A transposed tile acc [cols, rows] into out[rows, cols]."""
+    tl.store(out_ptr + rows.to(tl.int64)[None, :] * s_o + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows < r_end)[None, :] & (cols < n_out)[:, None])
+
+
+@triton.jit
+def _swap_tile(x_desc, xr_desc, w_desc, out_ptr, r0, r1, wrow, up_off, k_dim, KT, cols, n_out, s_o,
+               BM: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_R: tl.constexpr,
+               SWIGLU: tl.constexpr, PACKED: tl.constexpr, PREC: tl.constexpr):
+    acc, acc2 = _tile_mm_swap(x_desc, xr_desc, w_desc, r0, wrow, up_off, k_dim, KT, BM, R, BN, BK, HAS_R, SWIGLU,
+                              PACKED, PREC)
+    if HAS_R:
+        _store_tile_t(out_ptr, acc2, r0 + BM + tl.arange(0, R), r1, cols, n_out, s_o)
+    _store_tile_t(out_ptr, acc, r0 + tl.arange(0, BM), tl.minimum(r1, r0 + BM), cols, n_out, s_o)
+
+
+@triton.jit
+def grouped_gemm_tma_kernel(x_desc, xr1_desc, xr2_desc, xr3_desc, w_desc, out_ptr, table_ptr, n_progs, n_out, k_dim,
+                            w_rows, up_off, s_o, KT, BM: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                            R3: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
+                            PACKED: tl.constexpr, PREC: tl.constexpr, REM: tl.constexpr):
+    """grouped_gemm_kernel for Hopper and later: tiles fetched by the tensor-memory accelerator, and the
+    product computed transposed ("swap AB"), the weight rows on the MMA's M side and the tokens on its
+    N side.
+
+    Why transposed: wgmma's M comes in blocks of 64 rows but its N in steps of 8, so the rows an
+    expert has past BM (GLM-5's experts get ~128 +- 12 rows) cost a 16-, 32- or 64-wide piece (R3, R2,
+    R1 rows, descriptors xr3 / xr2 / xr1) instead of a 64-row block. x_desc covers x [N, K] in [BM, BK]
+    blocks; w_desc the weights as [E * w_rows, K] in [BN, BK] blocks, or with PACKED the tile-packed
+    weights (pack_weights in cuda.py) as [E * w_rows * KT, BK], where each [BN, BK] tile is one
+    contiguous block: an H200 streams those at 4.67 TB/s against 4.27 for BN rows of 128 bytes each
+    (docs/benchmarks.md). Rows a tile reads past its expert are computed and not stored."""
+    e, r0, r1, nt = _tile_of_program(table_ptr, n_progs)
     if e >= 0:
-        rows = r0 + tl.arange(0, BM)
-        rows2 = r0 + BM + tl.arange(0, BM2)
         cols = nt * BN + tl.arange(0, BN)
         wrow = e * w_rows + nt * BN
-        if REM and (r1 > r0 + BM):
-            acc, acc2 = _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM, BM2, BN, BK, True,
-                                     SWIGLU, PREC)
-            _store_tile(out_ptr, acc2, rows2, r1, cols, n_out, s_o)
+        rem = r1 - (r0 + BM)
+        if REM and rem > R2:
+            _swap_tile(x_desc, xr1_desc, w_desc, out_ptr, r0, r1, wrow, up_off, k_dim, KT, cols, n_out, s_o,
+                       BM, R1, BN, BK, True, SWIGLU, PACKED, PREC)
+        elif REM and rem > R3:
+            _swap_tile(x_desc, xr2_desc, w_desc, out_ptr, r0, r1, wrow, up_off, k_dim, KT, cols, n_out, s_o,
+                       BM, R2, BN, BK, True, SWIGLU, PACKED, PREC)
+        elif REM and rem > 0:
+            _swap_tile(x_desc, xr3_desc, w_desc, out_ptr, r0, r1, wrow, up_off, k_dim, KT, cols, n_out, s_o,
+                       BM, R3, BN, BK, True, SWIGLU, PACKED, PREC)
         else:
-            acc, acc2 = _tile_mm_tma(x_desc, x2_desc, w_desc, r0, wrow, up_off, k_dim, BM, BM2, BN, BK, False,
-                                     SWIGLU, PREC)
-        _store_tile(out_ptr, acc, rows, tl.minimum(r1, r0 + BM), cols, n_out, s_o)
+            _swap_tile(x_desc, xr3_desc, w_desc, out_ptr, r0, r1, wrow, up_off, k_dim, KT, cols, n_out, s_o,
+                       BM, R3, BN, BK, False, SWIGLU, PACKED, PREC)
 
 
 @triton.jit

@@ -71,10 +71,12 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
 
     Args:
         x: [N, D] rows sorted by expert; counts: [E] rows per expert (sum N).
-        w13: [E, 2I, D] gate rows then up rows; w2: [E, D, I].
+        w13: [E, 2I, D] gate rows then up rows; w2: [E, D, I]; either may be in the cuda backend's
+            tile-packed form (unpack_weights), as a model loaded for that backend holds them.
     Returns:
         [N, D].
     """
+    w13, w2 = unpack_weights(w13), unpack_weights(w2)
     out = torch.empty_like(x)
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -85,3 +87,12 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
         out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
         start += n
     return out
+
+
+def unpack_weights(w: torch.Tensor) -> torch.Tensor:
+    """Expert weights [E, rows, K] from the cuda backend's tile-packed form [E, rows / bn, K / bk, bn, bk]
+    (ops/moe/cuda.py pack_weights: each [bn, bk] tile contiguous); [E, rows, K] weights as they are."""
+    if w.dim() != 5:
+        return w
+    E, n_bn, kt, bn, bk = w.shape
+    return w.permute(0, 1, 3, 2, 4).reshape(E, n_bn * bn, kt * bk)

@@ -52,6 +52,26 @@ def test_mtp_layer_is_loaded_and_kept(tiny):
     assert torch.equal(model.mtp.mlp.experts.w2_weight[3], ref[f"model.layers.{n}.mlp.experts.3.down_proj.weight"])
 
 
+def test_expert_weights_end_in_the_layout_the_grouped_mlp_backend_prepares(tiny, monkeypatch):
+    """load_weights hands each layer's experts to ops.prepare_expert_weights and the model runs on what
+    comes back: here the cuda backend's tile-packed form (16 x 32 tiles), which the reference reads too."""
+    from glm5_ascend import ops
+    from glm5_ascend.model.glm5 import Experts
+
+    def pack(w13, w2):
+        def tiles(w):
+            E, rows, K = w.shape
+            return w.reshape(E, rows // 16, 16, K // 32, 32).permute(0, 1, 3, 2, 4).contiguous()
+        return tiles(w13), tiles(w2)
+
+    _, want = _greedy(tiny)
+    monkeypatch.setattr(ops, "prepare_expert_weights", pack)
+    llm, got = _greedy(tiny)
+    experts = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, Experts)]
+    assert experts and all(m.w13_weight.dim() == 5 and m.w2_weight.dim() == 5 for m in experts)
+    assert got == want
+
+
 def test_sharded_checkpoint_equals_single_file(tiny, tmp_path):
     shard_dir = _copy(tiny, tmp_path / "sharded")
     tensors = load_file(str(shard_dir / "model.safetensors"))

@@ -463,6 +463,58 @@ def test_grouped_mlp_small(impl, dtype, T, E, topk, D, inter, empty):
     assert _rel(got, want) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+# Tile sizes the small cases' dims are multiples of, so pack_weights packs their weights.
+_SMALL_PACK = {"up_bn": 16, "up_bk": 32, "down_bn": 32, "down_bk": 32}
+
+
+@pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("T,E,topk,D,inter,empty,packs", [
+    (37, 8, 2, 64, 32, (3, 5), (True, True)),
+    (300, 16, 4, 96, 80, (0,), (True, True)),  # w2's K (80): 16-wide K tiles, not 32
+    (1, 4, 1, 64, 64, (), (True, True)),
+    (20, 4, 2, 40, 24, (), (False, False)),  # no tile of 16+ divides I = 24 or D = 40: left as they are
+])
+@pytest.mark.parametrize("bm,bm2", [(128, 64), (16, 16), (16, 64), (32, 0)])
+def test_grouped_mlp_packed_weights(dtype, T, E, topk, D, inter, empty, packs, bm, bm2, monkeypatch):
+    """pack_weights' tile-packed weights give what the plain ones give, through every remainder width."""
+    for key, value in {**_SMALL_PACK, "bm": bm, "bm2": bm2}.items():
+        monkeypatch.setitem(moe().CONFIG, key, value)
+    x, ids, w13, w2 = _moe_case(T, E, topk, D, inter, dtype, empty)
+    permuted, order, counts = moe_ref.moe_permute(x, ids, E)
+    p13, p2 = moe().pack_weights(w13, w2)
+    assert (p13.dim() == 5, p2.dim() == 5) == packs
+    assert torch.equal(moe_ref.unpack_weights(p13), w13) and torch.equal(moe_ref.unpack_weights(p2), w2)
+    assert _rel(moe_ref.grouped_mlp(permuted.float(), counts, p13.float(), p2.float()),
+                moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())) == 0
+    want = moe_ref.grouped_mlp(permuted.float(), counts, w13.float(), w2.float())
+    got = moe().grouped_mlp(permuted, counts, p13, p2)
+    assert got.dtype == dtype and _rel(got, want) < 2e-2
+    # Where the packing's K tile is CONFIG's the sums run in the same order: the same bits.
+    plain = moe().grouped_mlp(permuted, counts, w13, w2)
+    assert torch.equal(got, plain) if D % 32 == 0 and inter % 32 == 0 else _rel(got, plain) < 2e-3
+
+
+@pytest.mark.parametrize("counts,bm,bm2,num_n", [
+    ([5, 0, 200, 128, 129, 0], 128, 64, 3),
+    ([0, 0, 0], 16, 16, 2),
+    ([1] * 5 + [400], 32, 0, 1),
+])
+def test_tile_table(counts, bm, bm2, num_n, monkeypatch):
+    """The program table: expert by expert, N tile, then M tile fastest; -1 past the last tile."""
+    monkeypatch.setitem(moe().CONFIG, "bm", bm)
+    monkeypatch.setitem(moe().CONFIG, "bm2", bm2)
+    span = bm + bm2
+    table, n_progs = moe()._table(torch.tensor(counts, device=DEV), sum(counts), num_n)
+    want, start = [], 0
+    for e, c in enumerate(counts):
+        m_tiles = -(-c // span)
+        want += [(e, start + m * span, start + c, n) for n in range(num_n) for m in range(m_tiles)]
+        start += c
+    got = [tuple(r) for r in table.t().tolist()]
+    assert got[:len(want)] == want and all(r[0] == -1 for r in got[len(want):])
+    assert n_progs >= len(want)
+
+
 @big
 def test_grouped_mlp_glm5_shape():
     """256 experts, top-8, hidden 6144, expert width 2048; 300 tokens leave many experts empty."""

@@ -89,21 +89,20 @@ for name, swiglu, bn, bk, warps, stages in (("up", True, mc["up_bn"], mc["up_bk"
                                             ("down", False, mc["down_bn"], mc["down_bk"], mc["down_warps"],
                                              mc["down_stages"])):
     fitted = moe.fit_stages(stages, bn, bk, swiglu, 2, smem, hopper=90 <= cap < 120)
-    consts = dict(NUM_N=16, BM=bm, BM2=bm2, BN=bn, BK=bk, GROUP=mc["group"], SWIGLU=swiglu, PREC="tf32",
-                  BY_EXPERT=True, REM=mc["bm2"] > 0)
-    if cap >= 90:  # what grouped_mlp launches there (16-byte aligned rows)
+    if cap >= 90:  # what grouped_mlp launches there for the model's (packed) weights
         fn = mk.grouped_gemm_tma_kernel
-        sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}]>", x2_desc=f"tensordesc<bf16[{bm2}, {bk}]>",
-                   w_desc=f"tensordesc<bf16[{bn}, {bk}]>", out_ptr="*bf16", tiles_ptr="*i32",
-                   **{n: "i32" for n in ("n_tiles_pad", "n_out", "k_dim", "w_rows", "up_off", "s_o")},
-                   order_ptr="*i32", n_progs="i32")
+        r1, r2, r3 = moe._remainders(mc["bm2"])
+        sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}]>",
+                   **{f"xr{i}_desc": f"tensordesc<bf16[{r}, {bk}]>" for i, r in ((1, r1), (2, r2), (3, r3))},
+                   w_desc=f"tensordesc<bf16[{bn}, {bk}]>", out_ptr="*bf16", table_ptr="*i32",
+                   **{n: "i32" for n in ("n_progs", "n_out", "k_dim", "w_rows", "up_off", "s_o", "KT")})
+        consts = dict(BM=bm, R1=r1, R2=r2, R3=r3, BN=bn, BK=bk, SWIGLU=swiglu, PACKED=True, PREC="tf32",
+                      REM=mc["bm2"] > 0)
     else:
-        fn, consts = mk.grouped_gemm_kernel, dict(consts, EVEN_K=True)
-        sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", tiles_ptr="*i32",
-                   **{n: "i32" for n in ("n_tiles_pad", "N", "n_out", "k_dim", "up_off", "s_x", "s_we", "s_wn", "s_o")},
-                   order_ptr="*i32", n_progs="i32")
-        consts = {n: consts[n] for n in ("NUM_N", "BM", "BM2", "BN", "BK", "GROUP", "SWIGLU", "EVEN_K", "PREC",
-                                         "BY_EXPERT", "REM")}  # the kernel's parameter order
+        fn = mk.grouped_gemm_kernel
+        sig = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", table_ptr="*i32",
+                   **{n: "i32" for n in ("n_progs", "N", "n_out", "k_dim", "up_off", "s_x", "s_we", "s_wn", "s_o")})
+        consts = dict(BM=bm, BM2=bm2, BN=bn, BK=bk, SWIGLU=swiglu, EVEN_K=True, PREC="tf32", REM=mc["bm2"] > 0)
     out[f"grouped_{name}"] = {"stages": fitted, "shared": shared(fn, sig, consts, warps, fitted),
                               "one_more": shared(fn, sig, consts, warps, fitted + 1)}
 print(json.dumps(out))
