@@ -187,3 +187,24 @@ def test_checkpoint_without_tokenizer_serves_token_ids(tmp_path):
         llm.generate([{"prompt_token_ids": [3, 4]}], SamplingParams(stop=["x"]))
     skip = LLM(str(tmp_path), dtype="float32", device="cpu", skip_tokenizer_init=True)
     assert skip.get_tokenizer() is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the cuda backend packs experts)")
+def test_cuda_backend_packs_bf16_experts_and_decodes_as_with_plain_weights(tiny, monkeypatch):
+    from glm5_ascend import SamplingParams, ops
+    from glm5_ascend.model.glm5 import Experts
+
+    def greedy():
+        llm = LLM(str(tiny), dtype="bfloat16", device="cuda", block_size=16)
+        experts = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, Experts)]
+        out = llm.generate([{"prompt_token_ids": list(range(60))}],
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        return [(m.w13_weight.dim(), m.w2_weight.dim()) for m in experts], out[0].outputs[0].token_ids
+
+    dims, packed = greedy()
+    assert dims and all(d == (5, 5) for d in dims)
+    monkeypatch.setattr(ops, "prepare_expert_weights", lambda w13, w2: (w13, w2))
+    dims, plain = greedy()
+    assert all(d == (3, 3) for d in dims)
+    assert packed == plain
