@@ -494,6 +494,13 @@ def test_grouped_mlp_packed_weights(dtype, T, E, topk, D, inter, empty, packs, b
     assert torch.equal(got, plain) if D % 32 == 0 and inter % 32 == 0 else _rel(got, plain) < 2e-3
 
 
+def test_grouped_mlp_names_weights_that_do_not_fit():
+    x, ids, w13, w2 = _moe_case(10, 4, 2, 64, 32, torch.float32)
+    permuted, _, counts = moe_ref.moe_permute(x, ids, 4)
+    with pytest.raises(ValueError, match=r"w2 must be \[E=4, D=64, I=32\]"):
+        moe().grouped_mlp(permuted, counts, w13, w2[:, :, :16])
+
+
 @pytest.mark.parametrize("counts,bm,bm2,num_n", [
     ([5, 0, 200, 128, 129, 0], 128, 64, 3),
     ([0, 0, 0], 16, 16, 2),

@@ -5,6 +5,8 @@ obvious way, so paging, variable lengths, causality and -1 padding are checked i
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +199,30 @@ def test_grouped_mlp_matches_per_expert_loop():
         want = w2[e] @ (F.silu(h[:I]) * h[I:])
         torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
     assert moe.grouped_mlp(x[:0], torch.zeros(E, dtype=torch.long), w13, w2).shape == (0, D)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda x, c, a, b: (x[:, :4], c, a, b), "w13 must be [E, 2I, D=4]"),
+    (lambda x, c, a, b: (x, c, a, b[:, :, :2]), "w2 must be [E=3, D=8, I=4]"),
+    (lambda x, c, a, b: (x, c[:2], a, b), "counts must be [E=3]"),
+    (lambda x, c, a, b: (x[0], c, a, b), "x must be [N, D]"),
+    (lambda x, c, a, b: (x.double(), c, a, b), "must share a dtype"),
+])
+def test_grouped_mlp_names_inputs_that_do_not_fit(change, msg):
+    x, counts = torch.randn(5, 8), torch.tensor([2, 0, 3])
+    w13, w2 = torch.randn(3, 8, 8), torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        moe.grouped_mlp(*change(x, counts, w13, w2))
+
+
+def test_grouped_mlp_reads_the_cuda_backends_packed_weights():
+    """unpack_weights inverts the cuda backend's [E, rows / bn, K / bk, bn, bk] tiling."""
+    gen = torch.Generator().manual_seed(7)
+    x, counts = torch.randn(6, 64, generator=gen), torch.tensor([4, 2])
+    w13, w2 = torch.randn(2, 64, 64, generator=gen), torch.randn(2, 64, 32, generator=gen)
+    def pack(w, bn, bk):
+        E, rows, K = w.shape
+        return w.reshape(E, rows // bn, bn, K // bk, bk).permute(0, 1, 3, 2, 4).contiguous()
+    assert torch.equal(moe.unpack_weights(pack(w13, 16, 32)), w13)
+    assert torch.equal(moe.grouped_mlp(x, counts, pack(w13, 16, 32), pack(w2, 32, 16)),
+                       moe.grouped_mlp(x, counts, w13, w2))
