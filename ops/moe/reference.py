@@ -99,7 +99,7 @@ def unpack_weights(w: torch.Tensor) -> torch.Tensor:
     return w.permute(0, 1, 3, 2, 4).reshape(E, n_bn * bn, kt * bk)
 
 
-def _expert_shape(w: torch.Tensor) -> tuple[int, ...]:
+def expert_shape(w: torch.Tensor) -> tuple[int, ...]:
     """[E, rows, K] of expert weights, plain or packed."""
     if w.dim() == 5:
         E, n_bn, kt, bn, bk = w.shape
@@ -113,7 +113,7 @@ def check_grouped_mlp_args(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
     if x.dim() != 2:
         raise ValueError(f"grouped_mlp: x must be [N, D], got {tuple(x.shape)}")
     D = x.shape[1]
-    s13, s2 = _expert_shape(w13), _expert_shape(w2)
+    s13, s2 = expert_shape(w13), expert_shape(w2)
     if len(s13) != 3 or s13[2] != D or s13[1] % 2:
         raise ValueError(f"grouped_mlp: w13 must be [E, 2I, D={D}] (gate rows, then up rows), got {tuple(s13)}")
     E, inter = s13[0], s13[1] // 2
