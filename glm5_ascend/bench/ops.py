@@ -79,7 +79,10 @@ def _mla_inputs(dev, B, ctx, H, R, DR, K, q_per_seq=1):
     pos = (ctx - q_per_seq + torch.arange(q_per_seq, device=dev)).repeat(B)
     causal = torch.arange(ctx, device=dev)[None, :] <= pos[:, None]
     idx = torch.rand(T, ctx, device=dev).masked_fill_(~causal, -1).topk(K, dim=-1)
-    idx = torch.where(idx.values >= 0, idx.indices, -1).to(torch.int32)
+    # Ascending, -1 padding last: the order the cuda lightning_indexer emits them in, which is what
+    # the model passes (torch.topk's score order reads the cache ~2% slower; docs/benchmarks.md).
+    idx = torch.where(idx.values >= 0, idx.indices, ctx).sort(dim=-1).values
+    idx = idx.masked_fill_(idx == ctx, -1).to(torch.int32)
     ql = torch.randn(T, H, R, device=dev, dtype=torch.bfloat16)
     qr = torch.randn(T, H, DR, device=dev, dtype=torch.bfloat16)
     return (ql, qr, lat, rope, tables, cu, lens, idx, (R + DR) ** -0.5), T

@@ -31,7 +31,7 @@ CONFIG = {
     # launch overlaps the attention kernel's tail.
     "mla_pdl": 1,
     # Hopper: the warp-specialised Gluon kernel (cuda_sm90.py) for 16-bit caches with R=512, Dr=64.
-    "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_pv_regs": 192, "mla_sm90_load_regs": 56,
+    "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_pv_regs": 192, "mla_sm90_load_regs": 72,
     "mla_sm90_maxnreg": 168,
 }
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).

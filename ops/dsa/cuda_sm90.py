@@ -7,7 +7,7 @@ Triton 3.6's automatic warp specialisation does not compile for sm_90, so this k
 hand. A program serves one token's 64 heads over its share of the top-k list, with three partitions:
 
 - the loader (4 warps, few registers) maps top-k positions to cache slots through the block table
-  (a tile ahead) and gathers the latent and rope rows with cp.async into a ring of shared-memory
+  (positions two tiles ahead, slots one) and gathers the latent and rope rows with cp.async into a ring of shared-memory
   stages, each signalled by an mbarrier;
 - warpgroup 0 loads the queries, runs Q·Kᵀ for the whole tile with wgmma, the online softmax, hands
   P and the rescale factors to warpgroup 1 through shared memory, and runs P·V for output columns
@@ -82,6 +82,8 @@ def _load_partition(lat_ptr, rope_ptr, idx_ptr, bt_ptr, cu_ptr, B, s_idx, s_bt, 
     seq = gl.sum((ends <= t).to(gl.int32), axis=0)  # the token's sequence: count of cu[1:] <= t
     slot_n = _to_slots(pos_n, bt_ptr, seq, s_bt, BLOCK_SIZE)
     slot_r = _to_slots(pos_r, bt_ptr, seq, s_bt, BLOCK_SIZE)
+    pos_n = _positions(idx_ptr, t, s_idx, lo + BN, hi, BN, row_n)
+    pos_r = _positions(idx_ptr, t, s_idx, lo + BN, hi, BN, row_r)
     for i in range(gl.cdiv(hi - lo, BN)):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
@@ -89,10 +91,14 @@ def _load_partition(lat_ptr, rope_ptr, idx_ptr, bt_ptr, cu_ptr, B, s_idx, s_bt, 
         _gather_rows(rope_ptr, slot_r, kr_smem.index(s), DR, DR, lay_r)
         # Each loader thread arrives once its own copies land (count = the loader's threads).
         async_copy.mbarrier_arrive(full.index(s), increment_count=False)
-        # The next tile's slots: dependent loads, in flight while this stage is consumed.
-        n1 = lo + (i + 1) * BN
-        slot_n = _to_slots(_positions(idx_ptr, t, s_idx, n1, hi, BN, row_n), bt_ptr, seq, s_bt, BLOCK_SIZE)
-        slot_r = _to_slots(_positions(idx_ptr, t, s_idx, n1, hi, BN, row_r), bt_ptr, seq, s_bt, BLOCK_SIZE)
+        # Lookups run ahead: the next tile's slots from its positions (loaded an iteration ago), and
+        # the positions of the tile after it. Neither waits on a load issued in this iteration, so
+        # one load's latency, not two in a row, stands between this tile's copies and the next's.
+        slot_n = _to_slots(pos_n, bt_ptr, seq, s_bt, BLOCK_SIZE)
+        slot_r = _to_slots(pos_r, bt_ptr, seq, s_bt, BLOCK_SIZE)
+        n2 = lo + (i + 2) * BN
+        pos_n = _positions(idx_ptr, t, s_idx, n2, hi, BN, row_n)
+        pos_r = _positions(idx_ptr, t, s_idx, n2, hi, BN, row_r)
 
 
 @gluon.jit
