@@ -26,12 +26,25 @@ H100_SMEM_PER_BLOCK = 232448  # bytes, the opt-in maximum on sm_90
 VARIANTS = [(dtype, split_out) for dtype in ("bf16", "fp16") for split_out in (True, False)]
 
 _CHILD = r'''
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from glm5_ascend.ops.dsa import cuda_sm90
 from glm5_ascend.ops.dsa.cuda import CONFIG
+
+def stack_bytes(cubin):
+    """The kernel's stack frame (spilled registers) by cuobjdump, which Triton ships; None without it."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", out)
+    return int(m.group(1)) if m else None
+
 
 results = {}
 for dtype, split_out in json.loads(sys.argv[1]):
@@ -45,8 +58,10 @@ for dtype, split_out in json.loads(sys.argv[1]):
     const = dict(R=512, DR=64, BN=CONFIG["mla_sm90_block_n"], STAGES=CONFIG["mla_sm90_stages"], BLOCK_SIZE=64,
                  B_P=64, PV_REGS=CONFIG["mla_sm90_pv_regs"], LOAD_REGS=CONFIG["mla_sm90_load_regs"])
     names = list(sig)
-    # The 16-byte alignment hints the launcher adds for pointers; without them loads compile scalar.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    # The divisibility-by-16 hints the launcher adds for pointers (without them loads compile scalar)
+    # and for the integers that are multiples of 16 at GLM-5's shapes (strides, K, split lengths).
+    ints16 = ("K", "split_len", "s_qlt", "s_qlh", "s_qrt", "s_qrh", "s_idx", "s_os", "s_ot", "s_oh", "s_ls", "s_lt")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in ints16}
     src = GluonASTSource(fn=cuda_sm90.sparse_mla_sm90_kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     key = f"{dtype}-{split_out}"
@@ -56,7 +71,8 @@ for dtype, split_out in json.loads(sys.argv[1]):
         ptx = kernel.asm["ptx"]
         results[key] = {"shared": kernel.metadata.shared,
                         "ops": all(op in ptx for op in ("wgmma.mma_async", "cp.async.mbarrier.arrive.noinc",
-                                                        "setmaxnreg"))}
+                                                        "setmaxnreg")),
+                        "stack": stack_bytes(kernel.asm["cubin"])}
     except Exception as e:  # report the innermost cause: Triton wraps it once per call frame
         while e.__cause__ is not None:
             e = e.__cause__
@@ -82,3 +98,7 @@ def test_sm90_sparse_mla_compiles_for_hopper(compiled, dtype, split_out):
     assert "error" not in result, result.get("error")
     assert result["shared"] <= H100_SMEM_PER_BLOCK, f"{result['shared']} bytes of shared memory"
     assert result["ops"], "expected wgmma, cp.async completion on mbarriers and setmaxnreg in the PTX"
+    # CONFIG's register split (mla_sm90_pv_regs, mla_sm90_load_regs, maxnreg) leaves no partition
+    # spilling: with 56 loader registers its look-ahead spilled 24 bytes (docs/benchmarks.md).
+    if result["stack"] is not None:
+        assert result["stack"] == 0, f"{result['stack']} bytes of stack: a partition spills registers"
