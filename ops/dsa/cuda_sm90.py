@@ -7,8 +7,8 @@ Triton 3.6's automatic warp specialisation does not compile for sm_90, so this k
 hand. A program serves one token's 64 heads over its share of the top-k list, with three partitions:
 
 - the loader (4 warps, few registers) maps top-k positions to cache slots through the block table
-  (positions two tiles ahead, slots one) and gathers the latent and rope rows with cp.async into a ring of shared-memory
-  stages, each signalled by an mbarrier;
+  (positions two tiles ahead, slots one) and gathers the latent and rope rows with cp.async into a
+  ring of shared-memory stages, each signalled by an mbarrier;
 - warpgroup 0 loads the queries, runs Q·Kᵀ for the whole tile with wgmma, the online softmax, hands
   P and the rescale factors to warpgroup 1 through shared memory, and runs P·V for output columns
   0..255;
