@@ -33,6 +33,9 @@ CONFIG = {
     # Hopper: the warp-specialised Gluon kernel (cuda_sm90.py) for 16-bit caches with R=512, Dr=64.
     "mla_sm90": 1, "mla_sm90_block_n": 64, "mla_sm90_stages": 2, "mla_sm90_pv_regs": 192, "mla_sm90_load_regs": 72,
     "mla_sm90_maxnreg": 168,
+    # mla_sm90_part16: split partial outputs in the output's 16-bit dtype (half the bytes written by
+    # the attention kernel and read by the merge), stored through shared memory as whole rows.
+    "mla_sm90_part16": 1,
 }
 # Rows of the 32-bit score-key scratch held at once (bounds prefill memory like the reference does).
 _MAX_SCORE_ELEMS = 1 << 27
@@ -143,11 +146,12 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     return out
 
 
-def _split_plan(out, lse, head_blocks: int, K: int, block_n: int):
+def _split_plan(out, lse, head_blocks: int, K: int, block_n: int, part_dtype: torch.dtype = torch.float32):
     """Split each top-k list so a decode batch fills the GPU; the splits are merged by lse.
 
-    Returns (splits, split_len, part_o [splits, T, H, R], part_lse [splits, T, H]): float32 partials
-    with several splits, else views of out / lse the kernel writes directly."""
+    Returns (splits, split_len, part_o [splits, T, H, R], part_lse [splits, T, H]): partial outputs
+    in part_dtype (lse in float32) with several splits, else views of out / lse the kernel writes
+    directly."""
     T, H, R = out.shape
     if CONFIG["mla_splits"]:
         splits = int(CONFIG["mla_splits"])
@@ -158,7 +162,7 @@ def _split_plan(out, lse, head_blocks: int, K: int, block_n: int):
     splits = triton.cdiv(K, split_len) if K else 1
     if splits == 1:
         return 1, split_len, out.view(1, T, H, R), lse.view(1, T, H)
-    return (splits, split_len, torch.empty((splits, T, H, R), dtype=torch.float32, device=out.device),
+    return (splits, split_len, torch.empty((splits, T, H, R), dtype=part_dtype, device=out.device),
             torch.empty((splits, T, H), dtype=torch.float32, device=out.device))
 
 
@@ -280,7 +284,8 @@ def _sparse_mla_sm90(ql, qr, latent_cache, rope_cache, block_tables, cu_seqlens_
     block_n = cfg["mla_sm90_block_n"]
     hb = triton.cdiv(H, 64)
     assert latent_cache.shape[0] * latent_cache.shape[1] < 2 ** 31, "int32 cache slots"
-    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, block_n)
+    part_dtype = out.dtype if cfg["mla_sm90_part16"] else torch.float32
+    splits, split_len, part_o, part_l = _split_plan(out, lse, hb, K, block_n, part_dtype)
     _sm90_module(ql.device).sparse_mla_sm90_kernel[(T, hb, splits)](
         ql, qr, latent_cache, rope_cache, idx, block_tables, cu_seqlens_q, part_o, part_l, B, H, K, split_len,
         ql.stride(0), ql.stride(1), qr.stride(0), qr.stride(1), idx.stride(0), block_tables.stride(0),

@@ -102,15 +102,32 @@ def _load_partition(lat_ptr, rope_ptr, idx_ptr, bt_ptr, cu_ptr, B, s_idx, s_bt, 
 
 
 @gluon.jit
-def _store_half(acc, l_i, c0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh):
-    """Normalised output columns c0 .. c0 + acc.shape[1] of one program's heads."""
+def _store_half(acc, l_i, c0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh, stage):
+    """Normalised output columns c0 .. c0 + acc.shape[1] of one program's heads.
+
+    Where the output has the cache's dtype (the final output, or 16-bit split partials), it goes
+    through `stage`, a [BH, acc.shape[1]] piece of a stage buffer no one reads any more: written
+    in the wgmma layout, read back 8 contiguous elements a thread, so each warp stores whole 512-byte
+    row pieces. Stored straight from the wgmma layout, four threads would write 16 bytes of a row
+    and leave each 32-byte sector half written per instruction."""
     o_layout: gl.constexpr = acc.type.layout
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-    offs_h = h0 + gl.arange(0, acc.shape[0], gl.SliceLayout(1, o_layout))
-    cols = c0 + gl.arange(0, acc.shape[1], gl.SliceLayout(0, o_layout))
-    gl.store(o_ptr + sp * s_os + t * s_ot + offs_h[:, None] * s_oh + cols[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=(offs_h < H)[:, None])
+    out = (acc / gl.where(l_o > 0, l_o, 1.0)[:, None]).to(o_ptr.dtype.element_ty)
+    if o_ptr.dtype.element_ty == stage.dtype:
+        stage.store(out)
+        _barrier()
+        row_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        _store_rows(stage.load(row_layout), c0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh)
+    else:
+        _store_rows(out, c0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh)
+
+
+@gluon.jit
+def _store_rows(out, c0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh):
+    layout: gl.constexpr = out.type.layout
+    offs_h = h0 + gl.arange(0, out.shape[0], gl.SliceLayout(1, layout))
+    cols = c0 + gl.arange(0, out.shape[1], gl.SliceLayout(0, layout))
+    gl.store(o_ptr + sp * s_os + t * s_ot + offs_h[:, None] * s_oh + cols[None, :], out, mask=(offs_h < H)[:, None])
 
 
 @gluon.jit
@@ -173,7 +190,8 @@ def _softmax_partition(ql_ptr, qr_ptr, idx_ptr, o_ptr, lse_ptr, H, K, split_len,
     a_smem.store(l_i)  # the row sums, for warpgroup 1's half
     _barrier()
     mbarrier.arrive(fin, count=1)
-    _store_half(acc, l_i, 0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh)
+    # Warpgroup 1 has read its last tile (p_free above): the stage buffers are free.
+    _store_half(acc, l_i, 0, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh, kn_smem.index(0).slice(0, RH, dim=1))
     has = l_i > 0
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2, float("-inf"))
     offs_l = h0 + gl.arange(0, BH, row_s)
@@ -202,7 +220,9 @@ def _pv_partition(o_ptr, H, K, split_len, s_os, s_ot, s_oh, kn_smem, p_smem, a_s
         mbarrier.arrive(p_free, count=1)
         mbarrier.arrive(empty.index(s), count=1)
     mbarrier.wait(fin, 0)
-    _store_half(acc, a_smem.load(row_o), RH, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh)
+    # Warpgroup 0 has read its last tile (fin above): the other half of the same buffer is free.
+    _store_half(acc, a_smem.load(row_o), RH, t, h0, sp, H, o_ptr, s_os, s_ot, s_oh,
+                kn_smem.index(0).slice(RH, RH, dim=1))
 
 
 @gluon.jit
