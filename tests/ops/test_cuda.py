@@ -390,7 +390,9 @@ SM90_CASES = {
 @pytest.mark.parametrize("case", sorted(SM90_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_sparse_mla_sm90_kernel(case, dtype, splits):
+@pytest.mark.parametrize("part16", [1, 0], ids=["16bit_partials", "float32_partials"])
+def test_sparse_mla_sm90_kernel(case, dtype, splits, part16, monkeypatch):
+    monkeypatch.setitem(dsa().CONFIG, "mla_sm90_part16", part16)
     ctx, ql, H, K, bs, pad = SM90_CASES[case]
     args = _mla_case(ctx, ql, H, 512, 64, K, bs, dtype, pad, seed=3)
     assert dsa()._use_sm90(args[0], args[2], 512, 64), f"this GPU should take the sm90 kernel: {dsa().SM90_DISABLED}"
