@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 OPS = ["lightning_indexer", "sparse_mla_decode", "sparse_mla_prefill", "mla_cache_write", "grouped_mlp",
        "moe_route", "moe_permute", "moe_unpermute"]
@@ -55,3 +56,16 @@ def test_bad_settings_are_one_line_errors(item, message):
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert message in line
+
+
+@pytest.mark.parametrize("q_per_seq", [1, 40])
+def test_mla_cases_pass_positions_as_the_cuda_indexer_emits_them(q_per_seq):
+    """Ascending within each row with the -1 padding last, so the op is timed on the model's input."""
+    from glm5_ascend.bench.ops import _mla_inputs
+    args, T = _mla_inputs(torch.device("cpu"), 3, 60, 2, 16, 8, 48, q_per_seq=q_per_seq)
+    idx = args[7]
+    assert idx.dtype == torch.int32 and idx.shape == (T, 48)
+    for row, q in zip(idx.tolist(), range(T)):
+        real = [p for p in row if p >= 0]
+        assert row == real + [-1] * (len(row) - len(real)) and real == sorted(set(real))
+    assert (idx < 0).any() == (q_per_seq > 1)  # early prefill queries see fewer than 48 positions
