@@ -93,10 +93,7 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
 def unpack_weights(w: torch.Tensor) -> torch.Tensor:
     """Expert weights [E, rows, K] from the cuda backend's tile-packed form [E, rows / bn, K / bk, bn, bk]
     (ops/moe/cuda.py pack_weights: each [bn, bk] tile contiguous); [E, rows, K] weights as they are."""
-    if w.dim() != 5:
-        return w
-    E, n_bn, kt, bn, bk = w.shape
-    return w.permute(0, 1, 3, 2, 4).reshape(E, n_bn * bn, kt * bk)
+    return w.permute(0, 1, 3, 2, 4).reshape(expert_shape(w)) if w.dim() == 5 else w
 
 
 def expert_shape(w: torch.Tensor) -> tuple[int, ...]:
