@@ -20,6 +20,14 @@ def ops_backend_for(op: str) -> str | None:
     return _str(f"GLM5_OPS_BACKEND_{op.upper()}")
 
 
+def ops_check_values() -> bool:
+    """GLM5_OPS_CHECK_VALUES=1: also check the ops' index arguments' values (syncs the device; ops/checks.py)."""
+    value = _str("GLM5_OPS_CHECK_VALUES", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"GLM5_OPS_CHECK_VALUES must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def device() -> str | None:
     """GLM5_DEVICE: force the platform (npu | cuda | cpu)."""
     return _str("GLM5_DEVICE")

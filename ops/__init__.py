@@ -9,6 +9,10 @@ default backend that does not implement an op falls back to reference; a backend
 name that is unknown or cannot load is an error. Backends are imported lazily, so a CPU host
 never imports torch_npu or triton.
 
+Every op checks its arguments before it dispatches (ops/checks.py): shapes, dtypes and devices
+always, index values with GLM5_OPS_CHECK_VALUES=1. So all backends fail the same way, with one line
+naming the argument, and a bad block table cannot crash a GPU kernel when the value checks are on.
+
 ep_dispatch / ep_combine are the expert-parallel collectives: their reference backend is the portable
 all_to_all_single path in ops/moe/ep.py, the npu backend the MC2 ops; combine always runs the backend
 whose dispatch made its handle.
@@ -18,9 +22,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-import torch
-
 from glm5_ascend import envs
+from glm5_ascend.ops import checks
 
 BACKENDS = ("reference", "npu", "cuda")
 _FAMILY = {
@@ -66,18 +69,20 @@ def resolve(op: str, device_type: str) -> tuple[str, object]:
     return backend, fn
 
 
-def _call(op: str, device: torch.device, *args, **kwargs):
-    return resolve(op, device.type)[1](*args, **kwargs)
+def _call(op: str, *args):
+    """Check op's arguments, then run it on the backend for the device of its first tensor."""
+    getattr(checks, op)(*args)
+    return resolve(op, args[0].device.type)[1](*args)
 
 
 def interleaved_rope(x, cos, sin):
     """GLM-5's interleaved RoPE of x [T, ..., D] with cos / sin [T, D/2]; see ops/dsa/reference.py."""
-    return _call("interleaved_rope", x.device, x, cos, sin)
+    return _call("interleaved_rope", x, cos, sin)
 
 
 def mla_cache_write(latent, k_rope, index_k, slot_mapping, latent_cache, rope_cache, index_cache):
     """Paged write of latent [T, R], rope key [T, Dr], index key [T, Di]; see ops/dsa/reference.py."""
-    return _call("mla_cache_write", latent.device, latent, k_rope, index_k, slot_mapping,
+    return _call("mla_cache_write", latent, k_rope, index_k, slot_mapping,
                  latent_cache, rope_cache, index_cache)
 
 
@@ -89,37 +94,37 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     are kept (see the reference); backends with their own select kernel break such ties toward the
     lower position, a rule that needs neither.
     """
-    return _call("lightning_indexer", q.device, q, weights, index_cache, block_tables, cu_seqlens_q,
+    return _call("lightning_indexer", q, weights, index_cache, block_tables, cu_seqlens_q,
                  seq_lens, topk, softmax_scale, prompt_lens, tie_flags)
 
 
 def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_tables, cu_seqlens_q,
                          seq_lens, topk_indices, softmax_scale, return_lse=False):
     """Absorbed sparse MLA over the top-k tokens, [T, H, R] (+ lse); see ops/dsa/reference.py."""
-    return _call("sparse_mla_attention", q_latent.device, q_latent, q_rope, latent_cache, rope_cache,
+    return _call("sparse_mla_attention", q_latent, q_rope, latent_cache, rope_cache,
                  block_tables, cu_seqlens_q, seq_lens, topk_indices, softmax_scale, return_lse)
 
 
 def moe_route(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
               routed_scaling_factor, norm_topk_prob=True):
     """Sigmoid group-limited top-k routing -> (weights f32 [T, k], ids int32 [T, k])."""
-    return _call("moe_route", router_logits.device, router_logits, e_score_correction_bias, top_k,
+    return _call("moe_route", router_logits, e_score_correction_bias, top_k,
                  n_group, topk_group, routed_scaling_factor, norm_topk_prob)
 
 
 def moe_permute(hidden, expert_ids, num_experts):
     """Rows grouped by expert -> (permuted [N, D], order int64 [N], counts int64 [E])."""
-    return _call("moe_permute", hidden.device, hidden, expert_ids, num_experts)
+    return _call("moe_permute", hidden, expert_ids, num_experts)
 
 
 def moe_unpermute(expert_out, order, weights):
     """Weighted combine of expert rows back to tokens, [T, D]."""
-    return _call("moe_unpermute", expert_out.device, expert_out, order, weights)
+    return _call("moe_unpermute", expert_out, order, weights)
 
 
 def grouped_mlp(x, counts, w13, w2):
     """SwiGLU grouped experts over rows sorted by expert, [N, D]."""
-    return _call("grouped_mlp", x.device, x, counts, w13, w2)
+    return _call("grouped_mlp", x, counts, w13, w2)
 
 
 def prepare_expert_weights(w13, w2):
@@ -140,7 +145,7 @@ def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group):
     hidden [T, D] (T may be 0), expert_ids int [T, k] global ids (< 0 dropped), weights [T, k];
     see ops/moe/ep.py. Every rank of ep_group must call it.
     """
-    return _call("ep_dispatch", hidden.device, hidden, expert_ids, weights, num_experts, ep_group)
+    return _call("ep_dispatch", hidden, expert_ids, weights, num_experts, ep_group)
 
 
 def ep_combine(expert_out, handle):

@@ -33,13 +33,6 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_batch(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, T: int) -> None:
-    B = seq_lens.shape[0]
-    _check(cu_seqlens_q.shape == (B + 1,), f"cu_seqlens_q must be [B+1]={B + 1}, got {tuple(cu_seqlens_q.shape)}")
-    _check(block_tables.dim() == 2 and block_tables.shape[0] == B,
-           f"block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}")
-
-
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
@@ -78,12 +71,6 @@ def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.T
     does not fit this op's contract.
     """
     T, R = latent.shape
-    _check(k_rope.shape[0] == T and slot_mapping.shape == (T,),
-           f"latent [T={T}, R], k_rope [T, Dr] and slot_mapping [T] disagree: {tuple(k_rope.shape)}, "
-           f"{tuple(slot_mapping.shape)}")
-    _check(latent_cache.dim() == 3 and latent_cache.shape[-1] == R and rope_cache.shape[:2] == latent_cache.shape[:2],
-           f"caches must be [num_blocks, block_size, D] with D={R} for the latent, got "
-           f"{tuple(latent_cache.shape)} / {tuple(rope_cache.shape)}")
     # The kernels require every slot in [0, num_blocks * block_size); padding tokens carry -1.
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -96,8 +83,6 @@ def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.T
         latent_cache.view(nb, bs, 1, R), rope_cache.view(nb, bs, 1, rope_cache.shape[-1]),
         slots, cache_mode="Norm")
     if index_cache is not None and index_k is not None:
-        _check(index_k.shape == (T, index_cache.shape[-1]),
-               f"index_k must be [T={T}, {index_cache.shape[-1]}], got {tuple(index_k.shape)}")
         torch_npu.npu_scatter_nd_update_(index_cache.view(-1, index_cache.shape[-1]), slots.long().view(-1, 1),
                                          index_k[keep].to(index_cache.dtype))
 
@@ -113,11 +98,7 @@ def lightning_indexer(q: torch.Tensor, weights: torch.Tensor, index_cache: torch
     s > 0, so softmax_scale is folded into the head weights (cast to q's dtype, as the op wants).
     """
     T, H, D = q.shape
-    _check(weights.shape == (T, H), f"weights must be [T={T}, H={H}], got {tuple(weights.shape)}")
-    _check(index_cache.dim() == 3 and index_cache.shape[-1] == D,
-           f"index_cache must be [num_blocks, block_size, {D}], got {tuple(index_cache.shape)}")
     _check(softmax_scale > 0, f"softmax_scale must be > 0 to fold into the weights, got {softmax_scale}")
-    _check_batch(cu_seqlens_q, seq_lens, block_tables, T)
     _check_dtype("lightning_indexer", q, index_cache)
     if T == 0:  # the kernel rejects empty queries
         return torch.empty((0, topk), dtype=torch.int32, device=q.device)
@@ -144,14 +125,6 @@ def sparse_mla_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_ca
     """
     T, H, R = q_latent.shape
     Dr = q_rope.shape[-1]
-    _check(q_rope.shape == (T, H, Dr), f"q_rope must be [T={T}, H={H}, Dr], got {tuple(q_rope.shape)}")
-    _check(latent_cache.dim() == 3 and latent_cache.shape[-1] == R and rope_cache.shape[-1] == Dr
-           and rope_cache.shape[:2] == latent_cache.shape[:2],
-           f"caches must be [num_blocks, block_size, {R}] and [..., {Dr}], got "
-           f"{tuple(latent_cache.shape)} / {tuple(rope_cache.shape)}")
-    _check(topk_indices.dim() == 2 and topk_indices.shape[0] == T,
-           f"topk_indices must be [T={T}, K], got {tuple(topk_indices.shape)}")
-    _check_batch(cu_seqlens_q, seq_lens, block_tables, T)
     _check_dtype("sparse_mla_attention", q_latent, q_rope, latent_cache, rope_cache)
     if T == 0:
         out = q_latent.new_empty((0, H, R))

@@ -31,6 +31,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _check_values(monkeypatch):
+    """The op suite runs with the value checks on (ops/checks.py), so none refuses a valid case."""
+    monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where op inputs live: the NPU on an Ascend host, else the CPU."""

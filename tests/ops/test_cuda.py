@@ -21,6 +21,7 @@ import os
 import pytest
 import torch
 
+from glm5_ascend import ops
 from glm5_ascend.ops.dsa import reference as dsa_ref
 from glm5_ascend.ops.moe import reference as moe_ref
 
@@ -500,7 +501,7 @@ def test_grouped_mlp_names_weights_that_do_not_fit():
     x, ids, w13, w2 = _moe_case(10, 4, 2, 64, 32, torch.float32)
     permuted, _, counts = moe_ref.moe_permute(x, ids, 4)
     with pytest.raises(ValueError, match=r"w2 must be \[E=4, D=64, I=32\]"):
-        moe().grouped_mlp(permuted, counts, w13, w2[:, :, :16])
+        ops.grouped_mlp(permuted, counts, w13, w2[:, :, :16])
 
 
 @pytest.mark.parametrize("counts,bm,bm2,num_n", [
