@@ -1,13 +1,14 @@
 """`glm5-ascend bench ops`: time each operator at GLM-5 shapes against the device's measured peaks.
 
-On a GPU it times the backend the registry picks (cuda, or GLM5_OPS_BACKEND) and the reference,
-with CUDA events around each call and the L2 cache flushed before every timed call, after warm-up;
-the median of --iters calls is reported. The ceilings are measured on the spot: HBM bandwidth by
-a 2 GiB device-to-device copy (bytes read + written), bf16 matmul rate by an 8192^3 torch.matmul
-on random data. An op's figure is the bytes it must move (each input read once, each output
-written once) or its FLOPs, over its median time. On the CPU it runs small shapes through the
+On an accelerator (a CUDA GPU, or an Ascend NPU through torch_npu's torch.npu) it times the backend
+the registry picks (cuda / npu, or GLM5_OPS_BACKEND) and the reference, with device events around
+each call and the L2 cache flushed before every timed call, after warm-up; the median of --iters
+calls is reported. The ceilings are measured on the spot: HBM bandwidth by a 2 GiB device-to-device
+copy (bytes read + written), bf16 matmul rate by an 8192^3 torch.matmul on random data, and on CUDA
+a read-only pass (Triton). An op's figure is the bytes it must move (each input read once, each
+output written once) or its FLOPs, over its median time. On the CPU it runs small shapes through the
 reference only, so the command can be exercised anywhere; those figures say nothing about any
-accelerator.
+accelerator. The npu path has not run on an NPU: none was available to this project.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 
 from glm5_ascend import ops
+from glm5_ascend.platform import current_platform, npu_available, platform_for_device
 
 
 @dataclass
@@ -163,32 +165,45 @@ CASES = {
 
 # ------------------------------------------------------------------------------------------ timing
 class Timer:
-    """Median seconds of fn(); on CUDA with events, the L2 flushed before each call."""
+    """Median seconds of fn(). On an accelerator (cuda, npu): device events around each call, the L2
+    flushed before it, and the device kept busy while Python launches it, so launch gaps are not
+    timed; on the CPU, the wall clock."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        if device.type == "cuda":
-            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-            self.flush = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device=device)
+        self.mod = platform_for_device(device).module() if device.type != "cpu" else None
+        if self.mod is None:
+            return
+        # Flush with 4x the L2 (at least 256 MB); a device that does not report its L2 gets 1 GiB.
+        l2 = getattr(self.mod.get_device_properties(device), "L2_cache_size", 0) or (256 << 20)
+        self.flush = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device=device)
+        if device.type != "cuda":  # no spin kernel there: a 4096^3 bf16 matmul holds the device instead
+            self.busy = [torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(2)]
+
+    def _hold(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda._sleep(1_000_000)  # ~0.5 ms
+        else:
+            torch.matmul(*self.busy)
 
     def __call__(self, fn, iters: int, warmup: int = 3) -> float:
         for _ in range(warmup):
             fn()
-        if self.device.type != "cuda":
+        if self.mod is None:
             times = []
             for _ in range(iters):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        events = [(self.mod.Event(enable_timing=True), self.mod.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
             self.flush.zero_()  # evict the last call's data: every call starts from HBM
-            torch.cuda._sleep(1_000_000)  # ~0.5 ms: the GPU stays busy while Python launches, so launch gaps are not timed
+            self._hold()
             start.record()
             fn()
             end.record()
-        torch.cuda.synchronize(self.device)
+        self.mod.synchronize(self.device)
         return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
@@ -210,8 +225,8 @@ except ImportError:
 
 def measure_read_bandwidth(device: torch.device, timer: Timer) -> float:
     """Bytes/s of one pass that only reads 4 GiB of bf16: the ceiling of ops that mostly read
-    (the copy's figure also pays for writing). 0.0 where Triton is missing."""
-    if _read_kernel is None:
+    (the copy's figure also pays for writing). 0.0 off CUDA or where Triton is missing."""
+    if _read_kernel is None or device.type != "cuda":
         return 0.0
     x = torch.randn(1 << 31, device=device, dtype=torch.bfloat16)
     block, iters = 4096, 16
@@ -257,7 +272,7 @@ def _apply_overrides(items: list[str]) -> None:
 
 
 def run_case(name: str, device: torch.device, timer: Timer, iters: int, peaks: tuple[float, float]) -> dict:
-    small = device.type != "cuda"
+    small = device.type == "cpu"
     case = CASES[name](device, small)
     backend, fn = ops.resolve(case.op, device.type)
     ref_fn = getattr(importlib.import_module(f"glm5_ascend.ops.{ops._FAMILY[case.op]}.reference"), case.op)
@@ -282,15 +297,15 @@ def run_case(name: str, device: torch.device, timer: Timer, iters: int, peaks: t
     return row
 
 
-def table(rows: list[dict], gpu: bool) -> str:
+def table(rows: list[dict], accel: bool) -> str:
     out = ["| op | shape | backend | time | achieved | % of measured peak | target | roofline floor "
            "| reference | speedup | check vs reference |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         t = r.get("time", r["ref_time"])
-        pct = f"{100 * r['pct']:.0f}%" if gpu else "n/a (cpu)"
+        pct = f"{100 * r['pct']:.0f}%" if accel else "n/a (cpu)"
         target = r["target"] or ""
-        if target and gpu:
+        if target and accel:
             miss = float(target.rstrip("%")) - 100 * r["pct"]
             target += " met" if miss <= 0 else f" MISSED by {miss:.0f} pts"
         floor = _fmt_time(r["floor"]) if "floor" in r else ""
@@ -303,7 +318,8 @@ def table(rows: list[dict], gpu: bool) -> str:
 # --------------------------------------------------------------------------------------------- cli
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default="all", help=f"comma-separated subset of: {', '.join(CASES)} (default: all)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--device", default=None,
+                        help="npu, npu:N, cuda, cuda:N or cpu (default: the platform's, as serve picks it)")
     parser.add_argument("--iters", type=int, default=50, help="timed calls per op; the median is reported")
     parser.add_argument("--output", default=None, metavar="FILE", help="append the table and this command to FILE")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FAMILY.KEY=VALUE",
@@ -312,16 +328,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.split(":")[0] not in ("cuda", "cpu"):
-        raise ValueError(f"--device {name}: bench ops runs on cuda, cuda:N or cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device; use cuda, cuda:N or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+        return current_platform().device()
+    kind = name.split(":")[0]
+    if kind not in ("npu", "cuda", "cpu"):
+        raise ValueError(f"--device {name}: bench ops runs on npu, npu:N, cuda, cuda:N or cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return dev
+    if kind == "npu" and not npu_available():
+        raise ValueError(f"--device {name}: torch_npu or an NPU is missing; install glm5-ascend[npu] on an "
+                         "Ascend host, or use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; use npu, npu:N, cuda, cuda:N or cpu") from None
+
+
+def _torch_npu_version() -> str:
+    import torch_npu
+    return getattr(torch_npu, "__version__", "?")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -334,16 +358,19 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--iters must be at least 1")
     _apply_overrides(args.overrides)
     torch.manual_seed(0)
-    gpu = device.type == "cuda"
+    accel = device.type != "cpu"
     timer = Timer(device)
-    if gpu:
+    if accel:
+        mod = timer.mod
         if device.index is not None:
-            torch.cuda.set_device(device)
+            mod.set_device(device)
         peaks = measure_peaks(device, timer)
         read = measure_read_bandwidth(device, timer)
-        torch.cuda.empty_cache()
-        header = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}. Measured ceilings: "
-                  f"HBM copy {peaks[0] / 1e12:.2f} TB/s (% column), HBM read-only {read / 1e12:.2f} TB/s, "
+        mod.empty_cache()
+        read_text = f"{read / 1e12:.2f} TB/s" if read else "n/a (needs Triton on CUDA)"
+        versions = f"torch {torch.__version__}" + (f", torch_npu {_torch_npu_version()}" if device.type == "npu" else "")
+        header = (f"{mod.get_device_name(device)}, {versions}. Measured ceilings: "
+                  f"HBM copy {peaks[0] / 1e12:.2f} TB/s (% column), HBM read-only {read_text}, "
                   f"bf16 matmul 8192^3 {peaks[1] / 1e12:.0f} TFLOP/s. "
                   f"Median of {args.iters} calls (reference: {max(3, args.iters // 10)}), L2 flushed before each.")
     else:
@@ -354,9 +381,9 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         rows.append(run_case(name, device, timer, args.iters, peaks))
         print(f"  {name}: {_fmt_time(rows[-1].get('time', rows[-1]['ref_time']))}", file=sys.stderr, flush=True)
-        if gpu:
-            torch.cuda.empty_cache()
-    text = table(rows, gpu)
+        if accel:
+            timer.mod.empty_cache()
+    text = table(rows, accel)
     print(text)
     if args.output:
         cmd = " ".join(["glm5-ascend", "bench", "ops"] + [a for a in sys.argv[1:] if a not in ("bench", "ops")])

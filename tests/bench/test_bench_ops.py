@@ -37,12 +37,21 @@ def test_cpu_run_prints_every_op_and_appends_to_output(tmp_path):
     (["--ops", "attention"], "--ops: unknown attention; choose from lightning_indexer"),
     (["--iters", "0"], "--iters must be at least 1"),
     (["--set", "mla_block_n=32"], "expected FAMILY.KEY=VALUE"),
+    (["--device", "tpu"], "--device tpu: bench ops runs on npu, npu:N, cuda, cuda:N or cpu"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     proc = bench("--device", "cpu", *args)
     assert proc.returncode == 1 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
     assert message in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="this host may have an NPU")
+def test_npu_without_torch_npu_says_what_is_missing():
+    proc = bench("--device", "npu")
+    assert proc.returncode == 1 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--device npu: torch_npu or an NPU is missing; install glm5-ascend[npu]" in line
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the cuda settings need triton to import")
