@@ -55,6 +55,19 @@ def _rel_err(out, ref) -> str:
     return f"rel err {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}"
 
 
+def _exact(out, ref) -> str:
+    same = all(torch.equal(a, b) for a, b in zip(out, ref))
+    return "bit-identical" if same else "DIFFERS"
+
+
+def _same_route(out, ref) -> str:
+    (w, ids), (rw, rids) = out, ref
+    got, want = ids.long().sort(-1), rids.long().sort(-1)
+    rows = (got.values == want.values).all(-1).float().mean().item()
+    err = ((w.gather(1, got.indices) - rw.gather(1, want.indices)).norm() / rw.norm()).item()
+    return f"same experts: {100 * rows:.2f}% of tokens, weights rel err {err:.1e}"
+
+
 def _set_overlap(out, ref) -> str:
     hits = total = 0
     for a, b in zip(out.cpu(), ref.cpu()):
@@ -136,14 +149,14 @@ def case_route(dev, small):
     T, E, k = (64, 16, 4) if small else (4096, 256, 8)
     logits = torch.randn(T, E, device=dev)
     return Case("moe_route", f"T={T} E={E} top-{k}", (logits, torch.randn(E, device=dev) * 0.1, k, 1, 1, 2.5, True),
-                bytes=T * E * 4 + E * 4 + T * k * 8)
+                bytes=T * E * 4 + E * 4 + T * k * 8, check=_same_route)
 
 
 def case_permute(dev, small):
     T, E, k, D = (64, 8, 2, 128) if small else (4096, 256, 8, 6144)
     x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
     return Case("moe_permute", f"T={T} top-{k} D={D}", (x, _routing(dev, T, E, k), E),
-                bytes=T * D * 2 + T * k * D * 2 + T * k * 12)
+                bytes=T * D * 2 + T * k * D * 2 + T * k * 12, check=_exact)
 
 
 def case_unpermute(dev, small):

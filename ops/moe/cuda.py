@@ -1,7 +1,7 @@
-"""MoE ops on CUDA GPUs: grouped expert GEMMs with SwiGLU fused, and a deterministic unpermute.
+"""MoE ops on CUDA GPUs: routing in one kernel, grouped expert GEMMs with SwiGLU fused, a permute
+with one host sync, and a deterministic unpermute.
 
-moe_route, moe_permute and the EP collectives are the reference's: each is already a handful of
-device kernels (`glm5-ascend bench ops` times them). They are re-exported so that
+The EP collectives are the reference's (ops/moe/ep.py, torch.distributed), re-exported so that
 GLM5_OPS_BACKEND=cuda covers every op the model calls.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ except ImportError:  # a Triton without tensor descriptors: the pointer kernel s
 
 from . import cuda_kernels as k
 from .ep import ep_combine, ep_dispatch  # re-exported: see the module docstring
-from .reference import expert_shape, moe_permute, moe_route, unpack_weights
+from . import reference
+from .reference import expert_shape, unpack_weights
 
 __all__ = ["grouped_mlp", "pack_weights", "moe_unpermute", "moe_route", "moe_permute", "ep_dispatch", "ep_combine"]
 
@@ -198,6 +199,65 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
     else:
         _gemm(h, w2, out, counts, D, 0, False, cfg["down_bn"], cfg["down_bk"], cfg["down_warps"], cfg["down_stages"])
     return out
+
+
+# Rows of more experts than this are routed by the reference (the kernel holds a row in registers).
+_ROUTE_MAX_EXPERTS = 4096
+
+
+def moe_route(router_logits: torch.Tensor, e_score_correction_bias: torch.Tensor, top_k: int, n_group: int,
+              topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True):
+    """The reference's routing in one kernel launch -> (weights float32 [T, k], ids int32 [T, k]).
+
+    The reference takes about a dozen small kernels. Picks come best first (the reference leaves the
+    order within a row unspecified); equal scores go to the lower expert index.
+    """
+    T, E = router_logits.shape
+    if E > _ROUTE_MAX_EXPERTS:
+        return reference.moe_route(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+                                   routed_scaling_factor, norm_topk_prob)
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=router_logits.device)
+    if T == 0:
+        return weights, ids
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    e_p = triton.next_power_of_2(E)
+    k.route_kernel[(T,)](logits, e_score_correction_bias.contiguous(), weights, ids, E, logits.stride(0),
+                         float(routed_scaling_factor), TOP_K=top_k, K_P=triton.next_power_of_2(top_k),
+                         N_GROUP=n_group, TOPK_GROUP=topk_group if n_group > 1 else 1, NORM=bool(norm_topk_prob),
+                         E_P=e_p, G_P=triton.next_power_of_2(n_group), num_warps=max(1, min(4, e_p // 256)))
+    return weights, ids
+
+
+def moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
+    """Token copies grouped by expert, the reference's result bit for bit.
+
+    Args:
+        hidden: [T, D]; expert_ids: int [T, k] (ids outside [0, num_experts) are dropped).
+    Returns:
+        permuted [N, D], order int64 [N] (flat token * k + j of each row, stable), counts int64 [E].
+
+    The reference waits for the GPU twice (the kept count, then a boolean gather for the counts) and
+    copies rows with an advanced-indexing gather. Here dropped ids sort last as a virtual expert E, one
+    bincount gives the counts and the dropped count together, and that count is the one host sync the
+    contract needs (N sizes the result); the rows are copied by one kernel.
+    """
+    T, D = hidden.shape
+    topk = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    # 32-bit keys: a radix sort over half the bits of the reference's int64 ids, same stable order
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts).to(torch.int32)
+    order = torch.argsort(key, stable=True)
+    per_key = torch.bincount(key, minlength=num_experts + 1)  # int64, as the reference's counts
+    n = T * topk - int(per_key[num_experts])  # the host sync
+    order = order[:n]
+    out = torch.empty((n, D), dtype=hidden.dtype, device=hidden.device)
+    if n and D:
+        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+        block = min(2048, triton.next_power_of_2(D))
+        k.permute_kernel[(n, triton.cdiv(D, block))](hidden, order, out, D, hidden.stride(0), out.stride(0),
+                                                     TOPK=topk, BLOCK_D=block, num_warps=4)
+    return out, order, per_key[:num_experts]
 
 
 def moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

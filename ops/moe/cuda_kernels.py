@@ -228,6 +228,62 @@ def swiglu_kernel(gu_ptr, out_ptr, inter, s_gu, s_o, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def route_kernel(logit_ptr, bias_ptr, w_ptr, id_ptr, E, s_l, scale, TOP_K: tl.constexpr, K_P: tl.constexpr,
+                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr, E_P: tl.constexpr,
+                 G_P: tl.constexpr):
+    """One token's noaux_tc routing (ops/moe/reference.py moe_route): sigmoid scores, the bias for
+    selection only, the best TOPK_GROUP groups by the sum of their two best biased scores, the TOP_K
+    best experts inside them, their unbiased scores renormalised and scaled. Picks go best first;
+    equal scores go to the lower index."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_P)
+    valid = offs < E
+    s = tl.sigmoid(tl.load(logit_ptr + t * s_l + offs, mask=valid, other=0.0).to(tl.float32))
+    choice = tl.where(valid, s + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32), float("-inf"))
+    if N_GROUP > 1:
+        per = E // N_GROUP
+        group = offs // per
+        g_offs = tl.arange(0, G_P)
+        g_score = tl.full([G_P], float("-inf"), tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = group == g
+            best = tl.max(tl.where(in_g, choice, float("-inf")), axis=0)
+            first = tl.min(tl.where(in_g & (choice == best), offs, E_P), axis=0)
+            second = tl.max(tl.where(in_g & (offs != first), choice, float("-inf")), axis=0)
+            g_score = tl.where(g_offs == g, best + second, g_score)
+        keep = offs < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(g_score, axis=0)
+            g_pick = tl.min(tl.where(g_score == top, g_offs, G_P), axis=0)
+            keep = keep | (group == g_pick)
+            g_score = tl.where(g_offs == g_pick, float("-inf"), g_score)
+        choice = tl.where(keep, choice, float("-inf"))
+    k_offs = tl.arange(0, K_P)
+    ids = tl.zeros([K_P], tl.int32)
+    ws = tl.zeros([K_P], tl.float32)
+    for j in tl.static_range(TOP_K):
+        top = tl.max(choice, axis=0)
+        pick = tl.min(tl.where(choice == top, offs, E_P), axis=0)
+        ids = tl.where(k_offs == j, pick, ids)
+        ws = tl.where(k_offs == j, tl.sum(tl.where(offs == pick, s, 0.0), axis=0), ws)
+        choice = tl.where(offs == pick, float("-inf"), choice)
+    if NORM:
+        ws = ws / (tl.sum(ws, axis=0) + 1e-20)
+    tl.store(w_ptr + t * TOP_K + k_offs, ws * scale, mask=k_offs < TOP_K)
+    tl.store(id_ptr + t * TOP_K + k_offs, ids, mask=k_offs < TOP_K)
+
+
+@triton.jit
+def permute_kernel(src_ptr, order_ptr, out_ptr, d, s_src, s_o, TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[i] = src[order[i] // TOPK]: each expert row is a copy of its token's row."""
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < d
+    t = tl.load(order_ptr + i) // TOPK
+    tl.store(out_ptr + i * s_o + offs, tl.load(src_ptr + t * s_src + offs, mask=m), mask=m)
+
+
+@triton.jit
 def unpermute_kernel(eo_ptr, inv_ptr, w_ptr, out_ptr, d, s_eo, s_o,
                      TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[t] = sum_j w[t, j] * expert_out[inv[t*TOPK + j]] (inv -1: a dropped copy), float32 sum."""

@@ -565,6 +565,51 @@ def test_grouped_mlp_glm5_width_experts_past_a_tile(bm2):
     assert _rel(got, want) < 2e-2
 
 
+@pytest.mark.parametrize("E,top_k,n_group,topk_group,norm", [
+    (256, 8, 1, 1, True),    # GLM-5
+    (256, 8, 8, 4, True),    # DeepSeek-V3's groups
+    (16, 4, 4, 2, True), (12, 3, 3, 1, False), (20, 6, 4, 3, True),  # groups of 3 and 5 experts; k not a power of 2
+    (1, 1, 1, 1, True),
+])
+def test_moe_route_equals_the_reference(E, top_k, n_group, topk_group, norm):
+    """Same experts per token and the same weights (to float32 rounding) as the reference."""
+    torch.manual_seed(E * 100 + top_k)
+    logits = torch.randn(77, E, device=DEV)
+    bias = torch.randn(E, device=DEV) * 0.1
+    w, ids = moe().moe_route(logits, bias, top_k, n_group, topk_group, 2.5, norm)
+    want_w, want_ids = moe_ref.moe_route(logits, bias, top_k, n_group, topk_group, 2.5, norm)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and ids.shape == (77, top_k)
+    got, ref = ids.long().sort(-1), want_ids.long().sort(-1)
+    assert torch.equal(got.values, ref.values)
+    torch.testing.assert_close(w.gather(1, got.indices), want_w.gather(1, ref.indices), atol=1e-6, rtol=1e-6)
+    # best first: the biased scores of the picks do not rise along a row
+    choice = (logits.sigmoid() + bias).gather(1, ids.long())
+    assert (choice[:, 1:] <= choice[:, :-1]).all()
+    empty = moe().moe_route(logits[:0], bias, top_k, n_group, topk_group, 2.5, norm)
+    assert empty[0].shape == empty[1].shape == (0, top_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["all_kept", "ep_drop", "empty_experts", "no_tokens", "all_dropped"])
+def test_moe_permute_equals_the_reference(dtype, case):
+    """Same rows, order and counts as the reference, bit for bit: EP-dropped ids (-1 and ids past E),
+    experts with no tokens, no tokens at all, and a rank that owns none of any token's experts."""
+    T, E, topk, D = (0 if case == "no_tokens" else 37), 8, 3, 200
+    x, ids, _, _ = _moe_case(max(T, 1), E, topk, D, 16, dtype)
+    x, ids = x[:T], ids[:T]
+    if case == "ep_drop":
+        ids = torch.where(ids < 4, ids, -1)
+        ids[1, 0] = E + 3  # past the experts: dropped as well
+    elif case == "empty_experts":
+        ids = ids % 3  # experts 3..7 get nothing
+    elif case == "all_dropped":
+        ids = torch.full_like(ids, -1)
+    want = moe_ref.moe_permute(x, ids, E)
+    got = moe().moe_permute(x, ids, E)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ep_drop", [False, True])
 def test_moe_unpermute(dtype, ep_drop):
@@ -588,5 +633,6 @@ def test_registry_picks_cuda_on_gpu():
     from glm5_ascend import ops
     if DEV.type != "cuda":
         pytest.skip("registry default for cuda tensors")
-    for op in ("lightning_indexer", "sparse_mla_attention", "mla_cache_write", "grouped_mlp", "moe_unpermute"):
+    for op in ("lightning_indexer", "sparse_mla_attention", "mla_cache_write", "grouped_mlp", "moe_route",
+               "moe_permute", "moe_unpermute"):
         assert ops.resolve(op, "cuda")[0] == "cuda", op
