@@ -13,6 +13,7 @@ shape or range and what was passed.
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 
@@ -34,11 +35,17 @@ def _tensor(op: str, name: str, t) -> torch.Tensor:
 
 def _shape(op: str, name: str, t, *dims) -> torch.Tensor:
     """t must have len(dims) dimensions; dims are (label, size or None for any size)."""
-    _tensor(op, name, t)
-    if t.dim() != len(dims) or any(want is not None and got != want for got, (_, want) in zip(t.shape, dims)):
-        expect = ", ".join(label if want is None else f"{label}={want}" for label, want in dims)
-        _fail(op, f"{name} must be [{expect}], got {list(t.shape)}")
-    return t
+    if not isinstance(t, torch.Tensor):
+        _tensor(op, name, t)
+    shape = t.shape
+    if len(shape) == len(dims):
+        for got, (_, want) in zip(shape, dims):
+            if want is not None and got != want:
+                break
+        else:
+            return t
+    expect = ", ".join(label if want is None else f"{label}={want}" for label, want in dims)
+    _fail(op, f"{name} must be [{expect}], got {list(shape)}")
 
 
 def _index(op: str, name: str, t: torch.Tensor) -> None:
@@ -52,10 +59,13 @@ def _floating(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def _one_device(op: str, first: str, tensors: dict) -> None:
-    device = tensors[first].device
+    """Every tensor on the device of tensors[first]. get_device() (-1 on the CPU) is the cheap test;
+    the message reads the devices only when it fails."""
+    where = tensors[first].get_device()
     for name, t in tensors.items():
-        if t is not None and t.device != device:
-            _fail(op, f"{name} is on {t.device} but {first} is on {device}; move every input to one device")
+        if t is not None and t.get_device() != where:
+            _fail(op, f"{name} is on {t.device} but {first} is on {tensors[first].device}; "
+                      "move every input to one device")
 
 
 def _int_arg(op: str, name: str, value, lo: int, hi: int | None = None, why: str = "") -> None:
@@ -107,7 +117,7 @@ def _batch_values(op: str, T: int, block_tables, cu_seqlens_q, seq_lens, num_blo
 
 
 def check_values() -> bool:
-    return envs.ops_check_values()
+    return os.environ.get("GLM5_OPS_CHECK_VALUES") not in (None, "", "0") and envs.ops_check_values()
 
 
 # --- DSA ----------------------------------------------------------------------------------------
