@@ -80,7 +80,7 @@ def _int_arg(op: str, name: str, value, lo: int, hi: int | None = None, why: str
         _fail(op, f"{name} must be {bound}{why}, got {value}")
 
 
-def _batch(op: str, T: int, block_tables, cu_seqlens_q, seq_lens) -> int:
+def _batch(op: str, block_tables, cu_seqlens_q, seq_lens) -> int:
     """The DSA batch metadata (ops/dsa/reference.py); returns B."""
     _shape(op, "seq_lens", seq_lens, ("B", None))
     B = seq_lens.shape[0]
@@ -96,7 +96,8 @@ def _batch_values(op: str, T: int, block_tables, cu_seqlens_q, seq_lens, num_blo
     cu, lens = cu_seqlens_q.detach().long().cpu(), seq_lens.detach().long().cpu()
     q_lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or int(cu[-1]) != T or bool((q_lens < 0).any()):
-        _fail(op, f"cu_seqlens_q must rise from 0 to T={T}, got {cu.tolist()}")
+        shown = cu.tolist() if cu.numel() <= 8 else cu[:4].tolist() + ["..."] + cu[-2:].tolist()
+        _fail(op, f"cu_seqlens_q must rise from 0 to T={T}, got {shown}")
     short = (lens < q_lens).nonzero()
     if short.numel():
         b = int(short[0])
@@ -165,7 +166,7 @@ def lightning_indexer(q, weights, index_cache, block_tables, cu_seqlens_q, seq_l
     _floating(op, "q", q)
     _shape(op, "weights", weights, ("T", T), ("H", H))
     _shape(op, "index_cache", index_cache, ("num_blocks", None), ("block_size", None), ("D", D))
-    B = _batch(op, T, block_tables, cu_seqlens_q, seq_lens)
+    B = _batch(op, block_tables, cu_seqlens_q, seq_lens)
     _int_arg(op, "topk", topk, 0)
     if prompt_lens is not None:
         _shape(op, "prompt_lens", prompt_lens, ("B", B))
@@ -191,7 +192,7 @@ def sparse_mla_attention(q_latent, q_rope, latent_cache, rope_cache, block_table
     _shape(op, "latent_cache", latent_cache, ("num_blocks", None), ("block_size", None), ("R", R))
     nb, bs = latent_cache.shape[:2]
     _shape(op, "rope_cache", rope_cache, ("num_blocks", nb), ("block_size", bs), ("Dr", q_rope.shape[2]))
-    _batch(op, T, block_tables, cu_seqlens_q, seq_lens)
+    _batch(op, block_tables, cu_seqlens_q, seq_lens)
     _shape(op, "topk_indices", topk_indices, ("T", T), ("K", None))
     _index(op, "topk_indices", topk_indices)
     _one_device(op, "q_latent", {"q_latent": q_latent, "q_rope": q_rope, "latent_cache": latent_cache,

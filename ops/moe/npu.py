@@ -120,6 +120,7 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: to
     N, D = x.shape
     if N == 0:
         return x.new_empty((0, D))
+    w13, w2 = reference.unpack_weights(w13), reference.unpack_weights(w2)  # the cuda backend's packed form, if given
     counts = counts.to(torch.int64)
     h = torch_npu.npu_swiglu(_gmm(x, w13, counts), dim=-1)
     return _gmm(h, w2, counts)
