@@ -174,6 +174,9 @@ def test_grouped_mlp(npu_backend, dtype, device, counts):
     want = moe_ref.grouped_mlp(x, counts, w13, w2)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got.float().cpu(), want.float().cpu(), **TOL[dtype])
+    # weights in the cuda backend's tile-packed form [E, rows / bn, K / bk, bn, bk] give the same result
+    packed = [w.reshape(E, w.shape[1] // 8, 8, w.shape[2] // 8, 8).permute(0, 1, 3, 2, 4).contiguous() for w in (w13, w2)]
+    assert torch.equal(ops.grouped_mlp(x, counts, *packed), got)
 
 
 def test_glm5_shapes_decode(npu_backend, device):
