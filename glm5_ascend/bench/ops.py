@@ -381,7 +381,9 @@ def main(args: argparse.Namespace) -> int:
         read = measure_read_bandwidth(device, timer)
         mod.empty_cache()
         read_text = f"{read / 1e12:.2f} TB/s" if read else "n/a (needs Triton on CUDA)"
-        versions = f"torch {torch.__version__}" + (f", torch_npu {_torch_npu_version()}" if device.type == "npu" else "")
+        versions = f"torch {torch.__version__}"
+        if device.type == "npu":
+            versions += f", torch_npu {_torch_npu_version()}"
         header = (f"{mod.get_device_name(device)}, {versions}. Measured ceilings: "
                   f"HBM copy {peaks[0] / 1e12:.2f} TB/s (% column), HBM read-only {read_text}, "
                   f"bf16 matmul 8192^3 {peaks[1] / 1e12:.0f} TFLOP/s. "

@@ -90,8 +90,10 @@ def test_sparse_mla_names_the_argument(over, msg):
     (lambda d: dict(cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32)), "cu_seqlens_q must rise from 0 to T=4"),
     (lambda d: dict(seq_lens=torch.tensor([2, 9], dtype=torch.int32)),
      "seq_lens[0]=2 is below that sequence's 3 new tokens"),
-    (lambda d: dict(block_tables=d["b"].block_tables[:, :2]), "sequence 1 has 9 tokens, 3 blocks of 4, but block_tables has 2 columns"),
-    (lambda d: dict(block_tables=d["b"].block_tables.clone().fill_(99)), "block_tables[0, 0]=99 is not a block of the cache"),
+    (lambda d: dict(block_tables=d["b"].block_tables[:, :2]),
+     "sequence 1 has 9 tokens, 3 blocks of 4, but block_tables has 2 columns"),
+    (lambda d: dict(block_tables=d["b"].block_tables.clone().fill_(99)),
+     "block_tables[0, 0]=99 is not a block of the cache"),
 ])
 def test_value_checks_catch_batch_metadata_that_would_read_out_of_bounds(monkeypatch, over, msg):
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
@@ -126,7 +128,8 @@ def test_cache_write_names_the_argument(monkeypatch):
     caches = [torch.zeros(nb, bs, n) for n in (R, Dr, Di)]
     slots = torch.tensor([0, 5, -1])
     ops.mla_cache_write(lat, rope, ik, slots, *caches)
-    _raises("mla_cache_write: slot_mapping must be [T=3], got [2]", ops.mla_cache_write, lat, rope, ik, slots[:2], *caches)
+    _raises("mla_cache_write: slot_mapping must be [T=3], got [2]",
+            ops.mla_cache_write, lat, rope, ik, slots[:2], *caches)
     _raises("slot_mapping must be int32 or int64", ops.mla_cache_write, lat, rope, ik, slots.float(), *caches)
     _raises("rope_cache must be [num_blocks=2, block_size=4, Dr=4], got [2, 4, 5]",
             ops.mla_cache_write, lat, rope, ik, slots, caches[0], torch.zeros(nb, bs, 5), caches[2])
@@ -155,7 +158,8 @@ def test_route_names_the_argument(args, msg):
 
 
 def test_route_bias_and_one_group():
-    _raises("e_score_correction_bias must be [E=8], got [7]", ops.moe_route, torch.randn(4, 8), torch.zeros(7), 2, 1, 1, 1.0)
+    _raises("e_score_correction_bias must be [E=8], got [7]",
+            ops.moe_route, torch.randn(4, 8), torch.zeros(7), 2, 1, 1, 1.0)
     # with one group topk_group is unused, as transformers ignores it there
     assert ops.moe_route(torch.randn(4, 8), torch.zeros(8), 2, 1, 0, 1.0)[1].shape == (4, 2)
 
@@ -169,7 +173,8 @@ def test_permute_and_unpermute_name_the_argument(monkeypatch):
     w = torch.rand(4, 2)
     assert ops.moe_unpermute(permuted, order, w).shape == (4, 6)
     _raises("moe_unpermute: order must be [N=8], got [7]", ops.moe_unpermute, permuted, order[:7], w)
-    _raises("expert_out has 8 rows but weights [T=2, k=2] has only 4 token slots", ops.moe_unpermute, permuted, order, w[:2])
+    _raises("expert_out has 8 rows but weights [T=2, k=2] has only 4 token slots",
+            ops.moe_unpermute, permuted, order, w[:2])
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
     _raises("order must index the 8 token slots of weights, got values 0..8",
             ops.moe_unpermute, permuted, torch.where(order == 7, 8, order), w)
@@ -192,7 +197,8 @@ def test_grouped_mlp_names_inputs_that_do_not_fit(change, msg):
 def test_grouped_mlp_counts_must_cover_the_rows(monkeypatch):
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
     x, w13, w2 = torch.randn(5, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 4)
-    _raises("counts must be >= 0 and sum to x's 5 rows, got sum 4", ops.grouped_mlp, x, torch.tensor([2, 0, 2]), w13, w2)
+    _raises("counts must be >= 0 and sum to x's 5 rows, got sum 4",
+            ops.grouped_mlp, x, torch.tensor([2, 0, 2]), w13, w2)
 
 
 def test_a_non_tensor_is_a_type_error():
