@@ -234,16 +234,73 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """The layout (TP x DP ranks, EP over all of them) and which of its global ranks this process hosts.
+
+    Global rank r is TP rank r % tp of DP group r // tp. With `launcher="spawn"` this process is
+    `first_rank` and starts `first_rank + 1 .. first_rank + num_local_ranks - 1` itself (one node);
+    with `launcher="torchrun"` every rank is its own process, started by torchrun.
+    """
+
     tensor_parallel_size: int = 1
-    expert_parallel_size: int = 1
     data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    first_rank: int = 0
+    num_local_ranks: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port, on one node only
+    headless: bool = False  # this node runs workers only; the HTTP server lives with rank 0
+    launcher: str = "spawn"  # spawn | torchrun
+    device_index: int | None = None  # torchrun's LOCAL_RANK; spawn: rank - first_rank
 
     def __post_init__(self):
-        for name in ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "data_parallel_size", "num_local_ranks"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.tensor_parallel_size * self.data_parallel_size > 1:
-            raise ValueError("tensor/data parallelism across processes is not implemented yet; use --tensor-parallel-size 1")
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if not 0 <= self.first_rank <= self.world_size - self.num_local_ranks:
+            raise ValueError(f"this node's ranks {self.first_rank}..{self.first_rank + self.num_local_ranks - 1} "
+                             f"fall outside TP x DP = {self.world_size}; check --node-rank / --nnodes")
+        if self.launcher not in ("spawn", "torchrun"):
+            raise ValueError(f"launcher {self.launcher!r} must be spawn or torchrun")
+        if self.headless and self.first_rank == 0 and self.launcher == "spawn":
+            raise ValueError("--headless on the node that hosts rank 0: the HTTP server runs there; drop --headless "
+                             "(or give this node --node-rank > 0)")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"--master-port {self.master_port} must be in 1..65535")
+        if self.multi_node and self.master_port is None:
+            raise ValueError("serving across nodes needs --master-port (node 0's rendezvous port)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    @property
+    def expert_parallel_size(self) -> int:
+        return self.world_size if self.enable_expert_parallel else 1
+
+    @property
+    def multi_node(self) -> bool:
+        """Ranks live outside this process tree (other nodes, or torchrun's processes)."""
+        return self.launcher == "torchrun" or self.num_local_ranks < self.world_size
+
+    def check_model(self, m: "ModelConfig") -> None:
+        """Every split the layout makes divides its dimension; the error names the dimension and sizes that fit."""
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        splits = [("num_attention_heads", m.num_attention_heads, tp, "--tensor-parallel-size"),
+                  ("vocab_size", m.vocab_size, tp, "--tensor-parallel-size"),
+                  ("intermediate_size", m.intermediate_size, tp, "--tensor-parallel-size"),
+                  ("moe_intermediate_size x n_shared_experts", m.moe_intermediate_size * m.n_shared_experts, tp,
+                   "--tensor-parallel-size")]
+        if ep > 1:
+            splits.append(("n_routed_experts", m.n_routed_experts, ep,
+                           "TP x DP (the expert-parallel size with --enable-expert-parallel)"))
+        else:
+            splits.append(("moe_intermediate_size", m.moe_intermediate_size, tp, "--tensor-parallel-size "
+                           "(routed experts are split over TP without --enable-expert-parallel)"))
+        for name, value, parts, flag in splits:
+            if value % parts:
+                fits = [d for d in (1, 2, 4, 8, 16, 32, 64) if value % d == 0]
+                raise ValueError(f"{flag} = {parts} does not divide the model's {name}={value}; "
+                                 f"sizes that divide it: {', '.join(map(str, fits))}")
 
 
 @dataclass(frozen=True)
@@ -260,6 +317,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token ids in and out, no text (vLLM's flag)
 
     def __post_init__(self):
+        self.parallel.check_model(self.model)
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len > limit:
             raise ValueError(f"--max-model-len {self.scheduler.max_model_len} exceeds the model's max_position_embeddings {limit}")

@@ -55,3 +55,32 @@ def api_keys() -> list[str]:
         if value:
             keys.extend(k.strip() for k in value.split(",") if k.strip())
     return keys
+
+
+def _seconds(name: str, default: float) -> float:
+    value = _str(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{name}={value!r} must be positive")
+    return seconds
+
+
+def startup_timeout() -> float:
+    """GLM5_STARTUP_TIMEOUT: seconds rank 0 waits for every rank (node) to join, and a node for rank 0's store."""
+    return _seconds("GLM5_STARTUP_TIMEOUT", 600.0)
+
+
+def collective_timeout() -> float:
+    """GLM5_COLLECTIVE_TIMEOUT: seconds a collective of the model may wait for a peer before the engine stops
+    (below /health's 60 s promise; every rank does the same work between two collectives)."""
+    return _seconds("GLM5_COLLECTIVE_TIMEOUT", 50.0)
+
+
+def heartbeat_timeout() -> float:
+    """GLM5_HEARTBEAT_TIMEOUT: seconds without a heartbeat after which rank 0 declares a rank dead."""
+    return _seconds("GLM5_HEARTBEAT_TIMEOUT", 20.0)

@@ -1,43 +1,40 @@
 """LLM: vLLM's offline API (generate / chat) over LLMEngine."""
 from __future__ import annotations
 
+import atexit
 import itertools
 from collections.abc import Sequence as Seq
 
-from glm5_ascend.engine.llm_engine import LLMEngine, create_engine_config
+from glm5_ascend.engine.arg_utils import EngineArgs, engine_args_from_kwargs, resolve_model
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.sequence import RequestOutput
 
-
-def resolve_model(model: str | None) -> str:
-    """The model directory; None means the built-in tiny model (created once in the cache)."""
-    if model:
-        return model
-    from glm5_ascend.model.tiny import default_model_path
-    return str(default_model_path())
+__all__ = ["LLM", "resolve_model"]
 
 
 class LLM:
     """Offline inference: `LLM(model=DIR).generate(prompts, SamplingParams(...))`.
 
-    Arguments follow vLLM's EngineArgs names; model=None serves the built-in tiny model.
+    Keywords are EngineArgs' (vLLM's names: tensor_parallel_size, data_parallel_size,
+    enable_expert_parallel, max_model_len...); model=None serves the built-in tiny model. With more
+    than one rank the worker processes are started here and stopped by `shutdown()` (or at exit).
     """
 
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1, block_size: int = 128,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_chunked_prefill: bool = True,
-                 num_gpu_blocks_override: int | None = None, trust_remote_code: bool = False,
-                 skip_tokenizer_init: bool = False, **kwargs):
-        if kwargs:
-            raise TypeError(f"LLM() got unsupported argument(s) {', '.join(sorted(kwargs))}; see docs/api.md")
-        config = create_engine_config(
-            resolve_model(model), tokenizer, dtype, device, max_model_len, seed, enable_prefix_caching,
-            tensor_parallel_size, block_size, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
-            enable_chunked_prefill, num_gpu_blocks_override, skip_tokenizer_init=skip_tokenizer_init)
-        self.llm_engine = LLMEngine(config)
+    def __init__(self, model: str | None = None, **kwargs):
+        from glm5_ascend.engine.executor import start_engine
+        args = kwargs.pop("engine_args", None) or engine_args_from_kwargs(model, kwargs)
+        self.llm_engine = start_engine(args.create_engine_config())
         self._counter = itertools.count()
+        if self.llm_engine.config.parallel.world_size > 1:
+            atexit.register(self.shutdown)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLM":
+        return cls(engine_args=args)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (a no-op with one process); this LLM cannot generate after it."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

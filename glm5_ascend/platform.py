@@ -45,6 +45,16 @@ class Platform:
             return mod.mem_get_info(index)
         return _host_memory()
 
+    def set_device(self, index: int) -> None:
+        """Bind this process to device `index` (before any process group is made: HCCL / NCCL need it)."""
+        mod = self.module()
+        if mod is not None:
+            if index >= mod.device_count():
+                raise ValueError(f"this process needs {self.name} device {index}, but {mod.device_count()} are "
+                                 "visible; give each rank its own device (ASCEND_RT_VISIBLE_DEVICES / "
+                                 "CUDA_VISIBLE_DEVICES) or use fewer ranks per node")
+            mod.set_device(index)
+
     def supports_graphs(self) -> bool:
         return self.name in ("cuda", "npu")
 

@@ -21,18 +21,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from glm5_ascend.engine.errors import EngineDeadError, EngineError
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """A step failed while this request was in flight (the server answers 500)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop has stopped; no request can be served until a restart."""
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineError", "RequestStats"]
 
 
 @dataclass
@@ -67,9 +61,11 @@ _ADD, _ABORT = "add", "abort"
 class AsyncEngine:
     """Runs ``engine.step()`` off the event loop; ``generate()`` is the async entry point."""
 
-    def __init__(self, engine, on_request_done: Callable[[RequestStats], None] | None = None):
+    def __init__(self, engine, on_request_done: Callable[[RequestStats], None] | None = None,
+                 on_dead: Callable[[str], None] | None = None):
         self.engine = engine
         self.on_request_done = on_request_done
+        self.on_dead = on_dead  # called once, with the reason, when the engine dies
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}  # event-loop side
@@ -164,6 +160,8 @@ class AsyncEngine:
                     self._wake.wait()
                     continue
                 self._step()
+        except EngineDeadError as e:  # a rank died: the engine says which
+            self._die(str(e))
         except BaseException as e:  # noqa: BLE001 - the loop itself failed: the engine is dead
             logger.exception("engine step loop died")
             self._die(f"the engine step loop died: {type(e).__name__}: {e}")
@@ -198,6 +196,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise
         except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
             logger.exception("engine step failed; failing %d request(s) in flight", len(self._tracks))
             self._fail_all(EngineError(f"the engine failed while running this request: {type(e).__name__}: {e}"))
@@ -244,11 +244,19 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - metrics must never take the loop down
             logger.exception("metrics callback failed")
 
+    def kill(self, reason: str) -> None:
+        """From any thread: the engine cannot serve any more (e.g. a rank died); /health turns 503 and
+        every request in flight fails with `reason`."""
+        self._die(reason)
+
     def _die(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
         self.dead_reason = reason
-        self._tracks.clear()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._fail_streams, EngineDeadError(reason))
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
     def _fail_streams(self, err: Exception) -> None:
         """On the event loop: every request in flight (even one not yet added) gets err."""

@@ -8,41 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from glm5_ascend.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                                parse_dtype)
+from glm5_ascend.config import EngineConfig
 from glm5_ascend.engine.block_manager import BlockManager
 from glm5_ascend.engine.detokenizer import IncrementalDetokenizer
+from glm5_ascend.engine.errors import EngineDeadError
 from glm5_ascend.engine.model_runner import ModelRunner, StepResult
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.scheduler import Scheduler
 from glm5_ascend.engine.sequence import (CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence)
 
 logger = logging.getLogger(__name__)
-
-
-def create_engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
-                         max_model_len: int | None = None, seed: int = 0, enable_prefix_caching: bool = True,
-                         tensor_parallel_size: int = 1, block_size: int = 128, max_num_seqs: int = 256,
-                         max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                         enable_chunked_prefill: bool = True, num_gpu_blocks_override: int | None = None,
-                         enable_expert_parallel: bool = False, skip_tokenizer_init: bool = False) -> EngineConfig:
-    """Engine configuration from vLLM-named arguments, validated."""
-    mcfg = ModelConfig.from_pretrained(model)
-    default = mcfg.torch_dtype()
-    if default == torch.float32 or dtype != "auto":
-        torch_dtype = parse_dtype(dtype, default)
-    else:
-        torch_dtype = default
-    max_len = max_model_len if max_model_len is not None else mcfg.max_position_embeddings
-    if max_len < 2:
-        raise ValueError(f"--max-model-len {max_len} must be at least 2")
-    batched = max_num_batched_tokens or max(8192, max_len if not enable_chunked_prefill else 0)
-    return EngineConfig(
-        model_path=str(model), model=mcfg,
-        cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, num_gpu_blocks_override),
-        scheduler=SchedulerConfig(max_num_seqs, batched, max_len, enable_chunked_prefill),
-        parallel=ParallelConfig(tensor_parallel_size), dtype=torch_dtype, device=device, seed=seed,
-        tokenizer_path=tokenizer, skip_tokenizer_init=skip_tokenizer_init)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -82,14 +57,21 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None):
-        self.config = config
+    """One DP group's engine: scheduler, block manager, output processing, and its ModelRunner (on a
+    `cluster`, the TP leader's runner, which drives its TP peers)."""
+
+    def __init__(self, config: EngineConfig, tokenizer=None, cluster=None):
+        self.config, self.cluster = config, cluster
         self.tokenizer = tokenizer or load_tokenizer(config)
         eos = set(config.model.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        self.runner = ModelRunner(config, eos)
+        if cluster is None:
+            self.runner = ModelRunner(config, eos)
+            self.runner.allocate_cache(self.runner.available_blocks())
+        else:
+            self.runner = cluster.build_runner(eos)
         sc = config.scheduler
         bm = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         capacity = bm.num_blocks * bm.block_size
@@ -110,6 +92,15 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.config.scheduler.max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def shutdown(self) -> None:
+        """Stop every other rank (a no-op in one process)."""
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
     # ---- requests ----
     def validate_prompt(self, prompt_ids: list[int]) -> None:
@@ -165,14 +156,25 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- stepping ----
-    def step(self) -> list[RequestOutput]:
+    def step(self, idle_forward: bool = False) -> list[RequestOutput]:
+        """One scheduler step. idle_forward: with nothing scheduled, still run the forward's
+        expert-parallel collectives (DP groups in lockstep)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         self.step_seconds["schedule"] += t1 - t0
-        if not batch:
+        if not batch and not idle_forward:
             return []
-        result = self.runner.execute(batch)
+        try:
+            if not batch:
+                self.runner.execute_idle()
+                return []
+            result = self.runner.execute(batch)
+        except Exception as e:
+            if self.cluster is None:
+                raise
+            # The TP peers may be mid-step: this engine cannot step again in sync with them.
+            raise EngineDeadError(self.cluster.explain(e)) from e
         t2 = time.perf_counter()
         self.step_seconds["model"] += t2 - t1
         detok_before = self.step_seconds["detokenize"]

@@ -1,24 +1,32 @@
-"""The one place the engine touches the device: model, paged KV cache, batch inputs, sampling."""
+"""The one place the engine touches the device: model, paged KV cache, batch inputs, sampling.
+
+With tensor parallelism every TP rank of a DP group holds a ModelRunner. The group's leader (TP
+rank 0, which owns the scheduler) turns each batch into a StepInput and broadcasts it to its TP
+peers, which run `follow()`: every rank runs the same forward and the same logits calls (their
+collectives line up), and only the leader samples.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from glm5_ascend import envs
 from glm5_ascend.config import EngineConfig
-from glm5_ascend.distributed import SINGLE, ParallelState
+from glm5_ascend.distributed import SINGLE, ParallelState, broadcast_object
 from glm5_ascend.engine.sampler import Sampler, SampleResult
 from glm5_ascend.engine.scheduler import ScheduledBatch
 from glm5_ascend.engine.sequence import Sequence
 from glm5_ascend.model.glm5 import AttnMetadata, GlmMoeDsaForCausalLM, LayerCache
 from glm5_ascend.model.loader import load_weights
 from glm5_ascend.platform import platform_for_device
-from glm5_ascend import envs
 
 logger = logging.getLogger(__name__)
 
 _ACTIVATION_RESERVE = 2 << 30  # bytes kept free on a GPU/NPU for activations and the allocator
+_IDLE, _STOP = "idle", "stop"  # what a leader broadcasts instead of a StepInput
 
 
 @dataclass
@@ -29,19 +37,40 @@ class StepResult:
     prompt_logprobs: list[tuple]
 
 
+@dataclass
+class StepInput:
+    """One forward, as every TP rank needs it: T tokens of B sequences (see AttnMetadata)."""
+
+    ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slots: np.ndarray  # int64 [T]
+    cu_seqlens: list[int]  # [B + 1]
+    seq_lens: np.ndarray  # int32 [B]
+    prompt_lens: np.ndarray  # int32 [B]
+    block_tables: np.ndarray  # int32 [B, max blocks]
+    logit_rows: list[int] = field(default_factory=list)  # rows whose next token is sampled
+    prompt_ranges: list[tuple[int, int]] = field(default_factory=list)  # row ranges scored for prompt logprobs
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, eos_token_ids: set[int], ps: ParallelState = SINGLE):
-        self.config = config
+    """Builds the model (this rank's shard) and loads it; `allocate_cache` follows once the ranks have
+    agreed on a block count (ParallelState.tp_size > 1) or at once (one process)."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int] = frozenset(), ps: ParallelState = SINGLE,
+                 device: torch.device | None = None):
+        self.config, self.ps = config, ps
         self.platform = platform_for_device(config.device)
-        self.device = self.platform.device() if config.device in (None, "auto") else torch.device(config.device)
+        if device is None:
+            device = self.platform.device() if config.device in (None, "auto") else torch.device(config.device)
+        self.device = device
         torch.manual_seed(config.seed)
         with torch.device(self.device):
             self.model = GlmMoeDsaForCausalLM(config.model, ps, config.dtype)
-        load_weights(self.model, config.model_path)
+        load_weights(self.model, config.model_path, progress=ps.rank == 0 and ps.tp_size * ps.dp_size > 1)
         self.model.eval()
         self.block_size = config.cache.block_size
-        self.num_blocks = self._num_blocks()
-        self.caches = self._allocate_caches()
+        self.num_blocks = 0
+        self.caches: list[LayerCache] = []
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(eos_token_ids, generator)
@@ -52,7 +81,8 @@ class ModelRunner:
         per_token = m.kv_lora_rank + m.qk_rope_head_dim + m.index_head_dim
         return m.num_hidden_layers * self.block_size * per_token * self.config.dtype.itemsize
 
-    def _num_blocks(self) -> int:
+    def available_blocks(self) -> int:
+        """KV-cache blocks this rank can hold (or the override), capped at what the scheduler can use."""
         if self.config.cache.num_blocks is not None:
             return self.config.cache.num_blocks
         sc = self.config.scheduler
@@ -69,18 +99,22 @@ class ModelRunner:
                                "--gpu-memory-utilization (or GLM5_CPU_KV_CACHE_GIB on CPU) or use more devices")
         return blocks
 
-    def _allocate_caches(self) -> list[LayerCache]:
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         m, dt = self.config.model, self.config.dtype
-        shape = (self.num_blocks, self.block_size)
-        return [LayerCache(torch.zeros(*shape, m.kv_lora_rank, dtype=dt, device=self.device),
-                           torch.zeros(*shape, m.qk_rope_head_dim, dtype=dt, device=self.device),
-                           torch.zeros(*shape, m.index_head_dim, dtype=dt, device=self.device))
-                for _ in range(m.num_hidden_layers)]
+        shape = (num_blocks, self.block_size)
+        self.caches = [LayerCache(torch.zeros(*shape, m.kv_lora_rank, dtype=dt, device=self.device),
+                                  torch.zeros(*shape, m.qk_rope_head_dim, dtype=dt, device=self.device),
+                                  torch.zeros(*shape, m.index_head_dim, dtype=dt, device=self.device))
+                       for _ in range(m.num_hidden_layers)]
 
     # ---- one step ----
-    def prepare(self, batch: ScheduledBatch):
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        """The batch's flat inputs; rows to sample (sequences whose scheduled tokens reach their end)
+        and prompt-logprob row ranges."""
         bs = self.block_size
         ids, pos, slots, cu, seq_lens = [], [], [], [0], []
+        rows, ranges = [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + n])
@@ -88,28 +122,84 @@ class ModelRunner:
             for p in range(start, start + n):
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
+            if start + n == seq.num_tokens:
+                rows.append(cu[-1] + n - 1)
+            if seq.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                ranges.append((cu[-1], cu[-1] + min(start + n, seq.num_prompt_tokens - 1) - start))
             cu.append(cu[-1] + n)
             seq_lens.append(start + n)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        return StepInput(np.array(ids, dtype=np.int64), np.array(pos, dtype=np.int64),
+                         np.array(slots, dtype=np.int64), cu, np.array(seq_lens, dtype=np.int32),
+                         np.array([s.num_prompt_tokens for s in batch.seqs], dtype=np.int32),
+                         np.array(tables, dtype=np.int32), rows, ranges)
+
+    def _forward(self, step: StepInput) -> tuple[torch.Tensor, AttnMetadata]:
         dev = self.device
         meta = AttnMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            prompt_lens=torch.tensor([s.num_prompt_tokens for s in batch.seqs], dtype=torch.int32, device=dev),
-            index_ties=torch.zeros(len(ids), dtype=torch.bool, device=dev))
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), meta, cu)
+            slot_mapping=torch.from_numpy(step.slots).to(dev),
+            block_tables=torch.from_numpy(step.block_tables).to(dev),
+            cu_seqlens_q=torch.tensor(step.cu_seqlens, dtype=torch.int32, device=dev),
+            seq_lens=torch.from_numpy(step.seq_lens).to(dev),
+            prompt_lens=torch.from_numpy(step.prompt_lens).to(dev),
+            index_ties=torch.zeros(len(step.ids), dtype=torch.bool, device=dev))
+        hidden = self.model(torch.from_numpy(step.ids).to(dev), torch.from_numpy(step.positions).to(dev),
+                            self.caches, meta)
+        return hidden, meta
+
+    def _logits(self, step: StepInput, hidden: torch.Tensor):
+        """The logits every rank computes together (the vocab-parallel lm_head gathers them):
+        sampled rows, then each prompt-logprob range."""
+        sample = self.model.compute_logits(hidden[step.logit_rows]) if step.logit_rows else None
+        return sample, [self.model.compute_logits(hidden[a:b]) for a, b in step.prompt_ranges]
+
+    def _share(self, step) -> None:
+        """Leader: hand this step (a StepInput, _IDLE or _STOP) to the TP peers."""
+        if self.ps.tp_size > 1:
+            broadcast_object(step, self.ps.tp_leader, self.ps.tp_cpu_group)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Forward one batch -> (final hidden states [T, D], cu_seqlens as a list)."""
-        ids, pos, meta, cu = self.prepare(batch)
-        hidden = self.model(ids, pos, self.caches, meta)
-        self._limit_prefix_cache(batch, meta.index_ties, cu)
-        return hidden, cu
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInput]:
+        """Forward one batch (on every TP rank) -> (final hidden states [T, D], its StepInput)."""
+        step = self.prepare(batch)
+        self._share(step)
+        hidden, meta = self._forward(step)
+        self._limit_prefix_cache(batch, meta.index_ties, step.cu_seqlens)
+        return hidden, step
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        hidden, step = self.run(batch)
+        logits, prompt_logits = self._logits(step, hidden)
+        sampled = [seq for seq, n in zip(batch.seqs, batch.num_tokens) if seq.num_computed_tokens + n == seq.num_tokens]
+        with_lp = [seq for seq in batch.seqs
+                   if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1]
+        prompt_lp = [self._prompt_logprobs(seq, lg) for seq, lg in zip(with_lp, prompt_logits)]
+        samples = self.sampler(logits, sampled) if sampled else None
+        return StepResult(sampled, samples, prompt_lp)
+
+    @torch.inference_mode()
+    def execute_idle(self) -> None:
+        """Leader of a DP group with no tokens this step, while others run (expert-parallel lockstep)."""
+        self._share(_IDLE)
+        self.model.idle_forward()
+
+    def stop_followers(self) -> None:
+        self._share(_STOP)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """TP peer of a leader: run every step it broadcasts, until it says stop."""
+        while True:
+            step = broadcast_object(None, self.ps.tp_leader, self.ps.tp_cpu_group)
+            if step == _STOP:
+                return
+            if step == _IDLE:
+                self.model.idle_forward()
+                continue
+            hidden, _ = self._forward(step)
+            self._logits(step, hidden)
 
     def _limit_prefix_cache(self, batch: ScheduledBatch, ties: torch.Tensor, cu: list[int]) -> None:
         """Keep blocks whose keys depend on the prompt's length out of the prefix cache.
@@ -125,30 +215,12 @@ class ModelRunner:
                 block = (seq.num_computed_tokens + int(hit[0, 0])) // self.block_size
                 seq.uncacheable_from_block = min(seq.uncacheable_from_block, block)
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        hidden, cu = self.run(batch)
-        sampled, rows = [], []
-        prompt_lp = []
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            end = seq.num_computed_tokens + n
-            if end == seq.num_tokens:
-                sampled.append(seq)
-                rows.append(cu[b + 1] - 1)
-            if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1:
-                prompt_lp.append(self._prompt_logprobs(seq, hidden[cu[b]:cu[b + 1]], n))
-        samples = None
-        if sampled:
-            logits = self.model.compute_logits(hidden[rows])
-            samples = self.sampler(logits, sampled)
-        return StepResult(sampled, samples, prompt_lp)
-
-    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> tuple:
-        """Logprobs of prompt tokens start+1 .. predicted by this chunk's positions."""
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> tuple:
+        """Logprobs of prompt tokens start+1 .. predicted by this chunk's positions (logits of those rows)."""
         start = seq.num_computed_tokens
-        stop = min(start + n, seq.num_prompt_tokens - 1)
+        stop = start + logits.shape[0]
         k = seq.params.prompt_logprobs
-        raw = torch.log_softmax(self.model.compute_logits(hidden[: stop - start]), dim=-1)
+        raw = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor(seq.token_ids[start + 1:stop + 1], device=raw.device)
         lp = raw.gather(1, targets[:, None]).squeeze(1)
         ranks = (raw > lp[:, None]).sum(-1) + 1

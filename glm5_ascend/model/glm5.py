@@ -16,10 +16,10 @@ from torch import nn
 
 from glm5_ascend import ops
 from glm5_ascend.config import ModelConfig
-from glm5_ascend.distributed import SINGLE, ParallelState, split
+from glm5_ascend.distributed import SINGLE, ParallelState, split, tp_all_reduce, tp_rows
 from glm5_ascend.model.layers import (ColumnParallelLinear, InterleavedRope, LayerNorm, ParallelLMHead,
                                       ReplicatedLinear, RMSNorm, RowParallelLinear, VocabParallelEmbedding,
-                                      _copy_loader, _param)
+                                      _param, read, shape_of)
 
 
 @dataclass
@@ -126,11 +126,13 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype):
+    """SwiGLU MLP, split over TP ranks; reduce=False leaves the partial sum to the caller."""
+
+    def __init__(self, hidden: int, inter: int, ps: ParallelState, dtype: torch.dtype, reduce: bool = True):
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden, inter, ps, dtype=dtype)
         self.up_proj = ColumnParallelLinear(hidden, inter, ps, dtype=dtype)
-        self.down_proj = RowParallelLinear(inter, hidden, ps, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, ps, dtype=dtype, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -148,30 +150,55 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """This rank's routed experts stacked for grouped GEMM: w13 [E, 2I, D] (gate; up), w2 [E, D, I].
 
+    With expert parallelism each EP rank holds E / ep whole experts; without it, every TP rank holds
+    all experts with I split over TP (the routed output is then a partial sum, as the dense MLP's).
     Checkpoint tensors are per expert (mlp.experts.E.{gate,up,down}_proj.weight); `load_expert`
-    places one into its slot, skipping experts another EP rank owns.
+    places this rank's part of one into its slot, skipping experts another EP rank owns.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
         super().__init__()
+        self.total = cfg.n_routed_experts
         self.n_local = split(cfg.n_routed_experts, ps.ep_size, "n_routed_experts")
         self.first = ps.ep_rank * self.n_local
-        self.inter = inter = cfg.moe_intermediate_size
+        self.tp_parts, self.tp_index = (1, 0) if ps.ep_size > 1 else (ps.tp_size, ps.tp_rank)
+        self.inter = inter = split(cfg.moe_intermediate_size, self.tp_parts, "moe_intermediate_size")
         self.w13_weight = _param(self.n_local, 2 * inter, cfg.hidden_size, dtype=dtype)
         self.w2_weight = _param(self.n_local, cfg.hidden_size, inter, dtype=dtype)
 
     def owns(self, expert: int) -> bool:
         return self.first <= expert < self.first + self.n_local
 
-    def load_expert(self, expert: int, proj: str, loaded: torch.Tensor) -> None:
+    def _part(self, loaded, dim: int) -> torch.Tensor:
+        """This TP rank's slice of I along dim of one expert's checkpoint tensor."""
+        return read(loaded, dim, self.tp_index * self.inter, self.inter)
+
+    def load_expert(self, expert: int, proj: str, loaded) -> None:
         e = expert - self.first
-        inter = self.inter
+        full = self.inter * self.tp_parts
+        d = self.w13_weight.shape[2]
+        want = (d, full) if proj == "down_proj" else (full, d)
+        if shape_of(loaded) != want:
+            raise ValueError(f"shape {shape_of(loaded)} does not match the model's {want}")
         if proj == "gate_proj":
-            _copy_loader(self.w13_weight.data[e, :inter], loaded)
+            self.w13_weight.data[e, :self.inter].copy_(self._part(loaded, 0))
         elif proj == "up_proj":
-            _copy_loader(self.w13_weight.data[e, inter:], loaded)
+            self.w13_weight.data[e, self.inter:].copy_(self._part(loaded, 0))
         else:
-            _copy_loader(self.w2_weight.data[e], loaded)
+            self.w2_weight.data[e].copy_(self._part(loaded, 1))
+
+    def load_fused(self, which: str, loaded) -> None:
+        """transformers-internal layout: gate_up_proj [E, 2I, D] (gate rows, then up) or down_proj [E, D, I]."""
+        full, d = self.inter * self.tp_parts, self.w13_weight.shape[2]
+        want = (self.total, 2 * full, d) if which == "gate_up_proj" else (self.total, d, full)
+        if shape_of(loaded) != want:
+            raise ValueError(f"shape {shape_of(loaded)} does not match the model's {want} (all experts)")
+        experts, lo, n = slice(self.first, self.first + self.n_local), self.tp_index * self.inter, self.inter
+        if which == "gate_up_proj":
+            self.w13_weight.data[:, :n].copy_(loaded[experts, lo:lo + n])
+            self.w13_weight.data[:, n:].copy_(loaded[experts, full + lo:full + lo + n])
+        else:
+            self.w2_weight.data.copy_(loaded[experts, :, lo:lo + n])
 
     def prepare_weights(self) -> None:
         """Once loaded: keep the weights in the layout grouped_mlp's backend reads fastest
@@ -184,28 +211,51 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts plus the shared expert; one TP all-reduce sums every partial result.
+
+    Without EP the routed and shared outputs are both TP partial sums. With EP (experts over all
+    TP x DP ranks) each TP rank routes its own share of the DP group's tokens through the EP
+    dispatch / combine, so no token is sent twice, and places the result in its rows: the same
+    all-reduce then gathers the rows and sums the shared expert.
+    """
+
     def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.ps = cfg, ps
         self.gate = Router(cfg)
         self.experts = Experts(cfg, ps, dtype)
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, dtype)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, dtype,
+                                  reduce=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _route(self, x: torch.Tensor):
         c = self.cfg
         logits = F.linear(x.float(), self.gate.weight)
-        weights, ids = ops.moe_route(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
-                                     c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
-        w13, w2 = self.experts.w13_weight, self.experts.w2_weight
+        return ops.moe_route(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
+                             c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
+
+    def _routed_ep(self, x: torch.Tensor) -> torch.Tensor:
+        # Every rank must call dispatch and combine, also with no tokens (an idle DP group).
+        start, stop = tp_rows(x.shape[0], self.ps)
+        mine = x[start:stop]
+        weights, ids = self._route(mine)
+        recv, counts, handle = ops.ep_dispatch(mine, ids, weights, self.cfg.n_routed_experts, self.ps.ep_group)
+        out = ops.ep_combine(ops.grouped_mlp(recv, counts, self.experts.w13_weight, self.experts.w2_weight),
+                             handle)
+        if self.ps.tp_size == 1:
+            return out
+        routed = x.new_zeros(x.shape)
+        routed[start:stop] = out
+        return routed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ps.ep_size > 1:
-            # Each EP rank brings its own tokens (data-parallel attention); rows travel to the
-            # experts' ranks and back. Every rank must call this, also with no tokens.
-            recv, counts, handle = ops.ep_dispatch(x, ids, weights, c.n_routed_experts, self.ps.ep_group)
-            routed = ops.ep_combine(ops.grouped_mlp(recv, counts, w13, w2), handle)
+            routed = self._routed_ep(x)
         else:
+            weights, ids = self._route(x)
             permuted, order, counts = ops.moe_permute(x, ids, self.experts.n_local)
-            routed = ops.moe_unpermute(ops.grouped_mlp(permuted, counts, w13, w2), order, weights)
-        return routed + self.shared_experts(x)
+            routed = ops.moe_unpermute(ops.grouped_mlp(permuted, counts, self.experts.w13_weight,
+                                                       self.experts.w2_weight), order, weights)
+        return tp_all_reduce(routed + self.shared_experts(x), self.ps)
 
 
 class DecoderLayer(nn.Module):
@@ -294,6 +344,15 @@ class GlmMoeDsaForCausalLM(nn.Module):
 
     def forward(self, ids, positions, caches, meta) -> torch.Tensor:
         return self.model(ids, positions, caches, meta)
+
+    def idle_forward(self) -> None:
+        """This DP group has no tokens this step: run only what the other groups need from it,
+        each MoE layer's expert-parallel dispatch / combine (with no rows)."""
+        w = self.lm_head.weight
+        x = torch.empty(0, self.cfg.hidden_size, dtype=self.dtype, device=w.device)
+        for i in range(self.cfg.num_hidden_layers):
+            if self.cfg.is_moe_layer(i):
+                self.model.layers[i].mlp(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab]."""

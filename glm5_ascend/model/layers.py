@@ -1,7 +1,9 @@
 """Building blocks: tensor-parallel linear / embedding layers, norms and RoPE frequencies.
 
 Each parameter carries a `weight_loader(param, loaded)` that copies this rank's shard, so the
-checkpoint loader stays a name lookup. Collectives run inside forward, in plain sight.
+checkpoint loader stays a name lookup. `loaded` is a torch.Tensor or a lazy safetensors slice;
+`read` takes only this rank's part of it, so no rank builds a tensor it does not own. Collectives
+run inside forward, in plain sight.
 """
 from __future__ import annotations
 
@@ -12,10 +14,38 @@ from torch import nn
 from glm5_ascend.distributed import ParallelState, split, tp_all_gather_last, tp_all_reduce
 
 
-def _copy_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"shape {tuple(loaded.shape)} does not match the model's {tuple(param.shape)}")
-    param.data.copy_(loaded)
+def shape_of(loaded) -> tuple[int, ...]:
+    """Shape of a checkpoint tensor, without reading it (torch.Tensor or safetensors slice)."""
+    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+
+
+def read(loaded, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+    """The rows [start, start + length) along `dim` of a checkpoint tensor (all of it if dim is None).
+    Indexing a safetensors slice reads only those bytes; indexing a tensor is a view."""
+    if dim is None:
+        return loaded[...]
+    return loaded[(slice(None),) * dim + (slice(start, start + length),)]
+
+
+def _copy_loader(param: torch.Tensor, loaded) -> None:
+    if tuple(param.shape) != shape_of(loaded):
+        raise ValueError(f"shape {shape_of(loaded)} does not match the model's {tuple(param.shape)}")
+    param.data.copy_(read(loaded))
+
+
+def shard_loader(dim: int, rank_of):
+    """A weight_loader taking shard `rank_of()` of the checkpoint tensor along dim (whole when it already fits)."""
+    def load(param: torch.Tensor, loaded) -> None:
+        n, full = param.shape[dim], shape_of(loaded)
+        if len(full) != param.dim() or full[dim] == n:
+            return _copy_loader(param, loaded)
+        if full[dim] % n or full[dim] // n <= rank_of():
+            raise ValueError(f"shape {full} does not split into the model's {tuple(param.shape)} shards")
+        part = read(loaded, dim, rank_of() * n, n)
+        if part.shape != param.shape:
+            raise ValueError(f"shape {full} does not match the model's {tuple(param.shape)} shards")
+        param.data.copy_(part)
+    return load
 
 
 def _param(*shape: int, dtype: torch.dtype | None = None, loader=_copy_loader) -> nn.Parameter:
@@ -40,30 +70,29 @@ class ColumnParallelLinear(ReplicatedLinear):
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, bias: bool = False, dtype=None):
         self.ps = ps
         super().__init__(in_features, split(out_features, ps.tp_size, "output features"), bias, dtype)
-        self.weight.weight_loader = self._shard_loader
+        self.weight.weight_loader = shard_loader(0, lambda: ps.tp_rank)
         if self.bias is not None:
-            self.bias.weight_loader = self._shard_loader
-
-    def _shard_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        n = param.shape[0]
-        _copy_loader(param, loaded.narrow(0, self.ps.tp_rank * n, n) if loaded.shape[0] != n else loaded)
+            self.bias.weight_loader = shard_loader(0, lambda: ps.tp_rank)
 
 
 class RowParallelLinear(ReplicatedLinear):
-    """Input features split over tp ranks; partial outputs are all-reduced."""
+    """Input features split over tp ranks; partial outputs are all-reduced (unless reduce=False: the
+    caller sums them itself, e.g. with another partial, in one all-reduce)."""
 
-    def __init__(self, in_features: int, out_features: int, ps: ParallelState, bias: bool = False, dtype=None):
-        self.ps = ps
+    def __init__(self, in_features: int, out_features: int, ps: ParallelState, bias: bool = False, dtype=None,
+                 reduce: bool = True):
+        self.ps, self.reduce = ps, reduce
         super().__init__(split(in_features, ps.tp_size, "input features"), out_features, False, dtype)
-        self.weight.weight_loader = self._shard_loader
+        self.weight.weight_loader = shard_loader(1, lambda: ps.tp_rank)
+        if bias and not reduce:
+            raise ValueError("a RowParallelLinear with a bias must reduce (the bias is added once, after it)")
         self.bias = _param(out_features, dtype=dtype) if bias else None
 
-    def _shard_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        n = param.shape[1]
-        _copy_loader(param, loaded.narrow(1, self.ps.tp_rank * n, n) if loaded.shape[1] != n else loaded)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(F.linear(x, self.weight), self.ps)
+        out = F.linear(x, self.weight)
+        if not self.reduce:
+            return out
+        out = tp_all_reduce(out, self.ps)
         return out + self.bias if self.bias is not None else out
 
 
@@ -75,10 +104,7 @@ class VocabParallelEmbedding(nn.Module):
         self.ps = ps
         self.shard = split(vocab, ps.tp_size, "vocab_size")
         self.start = ps.tp_rank * self.shard
-        self.weight = _param(self.shard, dim, dtype=dtype, loader=self._shard_loader)
-
-    def _shard_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        _copy_loader(param, loaded.narrow(0, self.start, self.shard) if loaded.shape[0] != self.shard else loaded)
+        self.weight = _param(self.shard, dim, dtype=dtype, loader=shard_loader(0, lambda: ps.tp_rank))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ps.tp_size == 1:

@@ -1,9 +1,11 @@
-"""Safetensors checkpoint -> model parameters, one tensor at a time.
+"""Safetensors checkpoint -> model parameters, one tensor at a time, each rank only its own part.
 
-Reads a single model.safetensors or the shards listed in model.safetensors.index.json. Tensors are
-read lazily through safetensors' memory map and copied straight into the (already allocated)
-parameters, so the weights never exist twice in memory. Any missing, unexpected or mis-shaped
-tensor, and any unreadable file, is an error naming the tensor and the file.
+Reads a single model.safetensors or the shards listed in model.safetensors.index.json. Each tensor
+is opened as a lazy safetensors slice (`get_slice`) and the parameter's weight_loader reads just
+this rank's rows or columns of it, straight into the (already allocated) parameter: a rank never
+builds a tensor it does not own, and the weights never exist twice in memory. Experts another EP
+rank owns are not opened at all. Any missing, unexpected or mis-shaped tensor, and any unreadable
+file, is an error naming the tensor and the file.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from glm5_ascend.model.glm5 import Experts, GlmMoeDsaForCausalLM
 
@@ -80,9 +83,10 @@ def _targets(model: GlmMoeDsaForCausalLM) -> dict[str, tuple]:
     return targets
 
 
-def load_weights(model: GlmMoeDsaForCausalLM, path: str | Path) -> None:
-    """Load a Hugging Face GLM-5 checkpoint into `model` (allocated on its final device), then leave
-    the experts' weights in the layout the grouped_mlp backend reads fastest (Experts.prepare_weights)."""
+def load_weights(model: GlmMoeDsaForCausalLM, path: str | Path, progress: bool = False) -> None:
+    """Load this rank's part of a Hugging Face GLM-5 checkpoint into `model` (allocated on its final
+    device), then leave the experts' weights in the layout the grouped_mlp backend reads fastest
+    (Experts.prepare_weights). progress: show a bar (rank 0 does)."""
     files = checkpoint_files(path)
     targets = _targets(model)
     mtp = model.cfg.mtp_layer_index
@@ -110,36 +114,66 @@ def load_weights(model: GlmMoeDsaForCausalLM, path: str | Path) -> None:
     for name in sorted(targets):
         if targets[name][0] != "skip":
             by_file.setdefault(files[name], []).append(name)
+    # Only a rank that shows the bar makes one: tqdm's lock is a semaphore a worker's fast exit would leak.
+    bar = tqdm(total=sum(map(len, by_file.values())), desc="Loading weights", unit="tensor",
+               mininterval=1.0) if progress else None
     with torch.no_grad():
         for f, tensor_names in by_file.items():
             handle = _open(f)
             for name in tensor_names:
                 _load_one(handle, f, name, targets[name])
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
     for module in model.modules():
         if isinstance(module, Experts):
             module.prepare_weights()
 
 
+class _Slice:
+    """A lazy checkpoint tensor: its shape without reading it, and any part of it read on indexing,
+    checked for NaN / Inf and read errors (named by file and tensor)."""
+
+    def __init__(self, handle, f: Path, name: str):
+        self.f, self.name = f, name
+        try:
+            self._slice = handle.get_slice(name)
+            self._shape = tuple(self._slice.get_shape())
+        except Exception as e:  # noqa: BLE001 - bad header, unknown dtype...
+            raise CheckpointError(f"{f}: tensor {name} is unreadable ({e}); the file is corrupt, re-download it") from None
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def __getitem__(self, index) -> torch.Tensor:
+        try:
+            tensor = self._slice[index]
+        except Exception as e:  # noqa: BLE001 - truncated data...
+            raise CheckpointError(f"{self.f}: tensor {self.name} is unreadable ({e}); the file is corrupt, "
+                                  "re-download it") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{self.f}: tensor {self.name} holds NaN or Inf; the file is corrupt, re-download it")
+        return tensor
+
+
 def _load_one(handle, f: Path, name: str, target: tuple) -> None:
-    try:
-        tensor = handle.get_tensor(name)
-    except Exception as e:  # truncated data, bad dtype...
-        raise CheckpointError(f"{f}: tensor {name} is unreadable ({e}); the file is corrupt, re-download it") from None
+    loaded = _Slice(handle, f, name)
     try:
         kind = target[0]
         if kind == "param":
             param = target[1]
-            param.weight_loader(param, tensor)
+            param.weight_loader(param, loaded)
         elif kind == "expert":
             _, mod, e, proj = target
-            mod.load_expert(e, proj, tensor)
+            mod.load_expert(e, proj, loaded)
         elif kind == "fused":
             _, mod, which = target
-            _load_fused(mod, which, tensor)
+            mod.load_fused(which, loaded)
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{f}: tensor {name}: {e}") from None
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{f}: tensor {name} holds NaN or Inf; the file is corrupt, re-download it")
 
 
 def _accept_fused_experts(targets: dict, fused: set[str]) -> dict:
@@ -153,11 +187,3 @@ def _accept_fused_experts(targets: dict, fused: set[str]) -> dict:
             out.pop(k, None)
         out[name] = ("fused", mod, which) if mod is not None else ("skip",)
     return out
-
-
-def _load_fused(mod: Experts, which: str, tensor: torch.Tensor) -> None:
-    local = tensor.narrow(0, mod.first, mod.n_local)
-    param = mod.w13_weight if which == "gate_up_proj" else mod.w2_weight
-    if local.shape != param.shape:
-        raise ValueError(f"shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)} (all experts)")
-    param.data.copy_(local)
