@@ -13,6 +13,8 @@ _COMMANDS = {
     "generate": ("glm5_ascend.generate_cmd", "print a completion of --prompt"),
     "make-tiny": ("glm5_ascend.model.tiny_cmd", "write the built-in tiny GLM-5 checkpoint to a directory"),
     "plan": ("glm5_ascend.launcher.plan", "whether a device layout fits the model, and a decode speed bound"),
+    "launch": ("glm5_ascend.launcher.launch", "start this node's part of a cluster description (or --dry-run: print "
+                                              "every node's environment, rank table and serve command)"),
 }
 _BENCH = {
     "serve": ("glm5_ascend.bench.serve", "benchmark a running vLLM-compatible server (like `vllm bench serve`)"),
