@@ -84,10 +84,15 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the step thread, then the engine's other ranks (the server's lifespan ends here, before
+        uvicorn re-raises a SIGTERM it caught)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def errored(self) -> bool:

@@ -62,7 +62,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 4000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
