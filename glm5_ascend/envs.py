@@ -33,6 +33,15 @@ def device() -> str | None:
     return _str("GLM5_DEVICE")
 
 
+def npu_device() -> str | None:
+    """GLM5_NPU_DEVICE: the Atlas generation whose op limits the npu backend follows (a2 | a3). Unset: read
+    from the NPU's name (Ascend910B* is a2, Ascend910_93* is a3; ops/npu_profile.py)."""
+    value = _str("GLM5_NPU_DEVICE")
+    if value is not None and value not in ("a2", "a3"):
+        raise ValueError(f"GLM5_NPU_DEVICE must be a2 or a3, got {value!r}")
+    return value
+
+
 def cache_dir() -> Path:
     """GLM5_CACHE_DIR, else $XDG_CACHE_HOME/glm5_ascend, else ~/.cache/glm5_ascend."""
     explicit = _str("GLM5_CACHE_DIR")

@@ -14,8 +14,17 @@ always, index values with GLM5_OPS_CHECK_VALUES=1. So all backends fail the same
 naming the argument, and a bad block table cannot crash a GPU kernel when the value checks are on.
 
 ep_dispatch / ep_combine are the expert-parallel collectives: their reference backend is the portable
-all_to_all_single path in ops/moe/ep.py, the npu backend the MC2 ops; combine always runs the backend
-whose dispatch made its handle.
+all_to_all_single path in ops/moe/ep.py, the npu backend the MC2 ops (on their own communicator,
+mc2_group) where the documented limits allow, else that same portable path; combine always runs the
+backend whose dispatch made its handle.
+
+Padded results. Routing sizes its output by data (N token copies kept), which the host can only learn
+by waiting for the device. So moe_permute and ep_dispatch may return M >= N rows: the N valid rows
+first, then padding (moe_permute's `order` is -1 there). grouped_mlp leaves rows past sum(counts)
+unspecified, moe_unpermute ignores rows whose `order` is -1, ep_combine takes the rows as dispatch
+gave them. The reference and cuda backends return exactly N rows (and wait for the device to learn
+N); the npu backend returns all T*k rows / MC2's fixed-size buffer and reads nothing back, so a
+decode step can be captured as a graph (docs/ops.md lists the syncs that remain).
 """
 from __future__ import annotations
 
@@ -113,17 +122,21 @@ def moe_route(router_logits, e_score_correction_bias, top_k, n_group, topk_group
 
 
 def moe_permute(hidden, expert_ids, num_experts):
-    """Rows grouped by expert -> (permuted [N, D], order int64 [N], counts int64 [E])."""
+    """Rows grouped by expert -> (permuted [M, D], order int64 [M], counts int64 [E]).
+
+    The first N = sum(counts) rows are the kept copies grouped by expert; M >= N (padded results
+    above): rows past N are padding, their order -1.
+    """
     return _call("moe_permute", hidden, expert_ids, num_experts)
 
 
 def moe_unpermute(expert_out, order, weights):
-    """Weighted combine of expert rows back to tokens, [T, D]."""
+    """Weighted combine of expert rows [M, D] back to tokens, [T, D]; rows whose order is -1 are ignored."""
     return _call("moe_unpermute", expert_out, order, weights)
 
 
 def grouped_mlp(x, counts, w13, w2):
-    """SwiGLU grouped experts over rows sorted by expert, [N, D]."""
+    """SwiGLU grouped experts over rows sorted by expert, [M, D]; sum(counts) <= M, rows past it unspecified."""
     return _call("grouped_mlp", x, counts, w13, w2)
 
 
@@ -139,13 +152,19 @@ def prepare_expert_weights(w13, w2):
     return pack(w13, w2) if pack else (w13, w2)
 
 
-def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group):
-    """Expert-parallel dispatch -> (recv_hidden [N, D] grouped by local expert, recv_counts int64 [E_local], handle).
+def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group, mc2_group=None, max_tokens_per_rank=None):
+    """Expert-parallel dispatch -> (recv_hidden [M, D] grouped by local expert, recv_counts int64 [E_local], handle).
 
     hidden [T, D] (T may be 0), expert_ids int [T, k] global ids (< 0 dropped), weights [T, k];
-    see ops/moe/ep.py. Every rank of ep_group must call it.
+    see ops/moe/ep.py. Every rank of ep_group must call it. The first sum(recv_counts) rows of
+    recv_hidden are valid, the rest padding (padded results above).
+    mc2_group: a second communicator over ep_group's ranks that carries the npu backend's MC2 ops and
+        nothing else (their docs forbid any other collective on it); None: no MC2. Other backends ignore it.
+    max_tokens_per_rank: the static bound on T every rank shares (the engine's max_num_batched_tokens /
+        TP, identical on all ranks); T above it is an error. It sizes MC2's one global_bs and lets the
+        npu backend choose MC2 without a collective (ops/moe/mc2.py). None: unknown.
     """
-    return _call("ep_dispatch", hidden, expert_ids, weights, num_experts, ep_group)
+    return _call("ep_dispatch", hidden, expert_ids, weights, num_experts, ep_group, mc2_group, max_tokens_per_rank)
 
 
 def ep_combine(expert_out, handle):

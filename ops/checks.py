@@ -257,8 +257,12 @@ def moe_unpermute(expert_out, order, weights) -> None:
     _one_device(op, "expert_out", {"expert_out": expert_out, "order": order, "weights": weights})
     if check_values() and N:
         o = order.detach().cpu()
-        if int(o.min()) < 0 or int(o.max()) >= T * k:
-            _fail(op, f"order must index the {T * k} token slots of weights, got values {int(o.min())}..{int(o.max())}")
+        kept = o[o >= 0]
+        if int(o.min()) < -1 or (kept.numel() and int(kept.max()) >= T * k):
+            _fail(op, f"order must index the {T * k} token slots of weights (-1: padding), got values "
+                      f"{int(o.min())}..{int(o.max())}")
+        if kept.unique().numel() != kept.numel():
+            _fail(op, "order names a token slot twice")
 
 
 def grouped_mlp(x, counts, w13, w2) -> None:
@@ -282,15 +286,24 @@ def grouped_mlp(x, counts, w13, w2) -> None:
     _one_device(op, "x", {"x": x, "counts": counts, "w13": w13, "w2": w2})
     if check_values():
         c = counts.detach().long().cpu()
-        if bool((c < 0).any()) or int(c.sum()) != N:
-            _fail(op, f"counts must be >= 0 and sum to x's {N} rows, got sum {int(c.sum())}, min {int(c.min())}")
+        if bool((c < 0).any()) or int(c.sum()) > N:
+            _fail(op, f"counts must be >= 0 and sum to at most x's {N} rows, got sum {int(c.sum())}, "
+                      f"min {int(c.min())}")
 
 
-def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group) -> None:
+def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group, mc2_group=None, max_tokens_per_rank=None) -> None:
     op = "ep_dispatch"
     _shape(op, "hidden", hidden, ("T", None), ("D", None))
     _shape(op, "expert_ids", expert_ids, ("T", hidden.shape[0]), ("k", None))
     _index(op, "expert_ids", expert_ids)
     _shape(op, "weights", weights, ("T", hidden.shape[0]), ("k", expert_ids.shape[1]))
     _int_arg(op, "num_experts", num_experts, 1)
+    if max_tokens_per_rank is not None:
+        _int_arg(op, "max_tokens_per_rank", max_tokens_per_rank, 1)
+        if hidden.shape[0] > max_tokens_per_rank:
+            _fail(op, f"hidden has T={hidden.shape[0]} rows, above max_tokens_per_rank={max_tokens_per_rank}, the "
+                      "bound every EP rank relies on; pass the engine's true per-rank bound")
+    if mc2_group is not None and mc2_group is ep_group:
+        _fail(op, "mc2_group must be a communicator of its own (MC2's docs allow no other collective on it), "
+                  "not ep_group")
     _one_device(op, "hidden", {"hidden": hidden, "expert_ids": expert_ids, "weights": weights})

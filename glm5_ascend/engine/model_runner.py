@@ -65,7 +65,9 @@ class ModelRunner:
         self.device = device
         torch.manual_seed(config.seed)
         with torch.device(self.device):
-            self.model = GlmMoeDsaForCausalLM(config.model, ps, config.dtype)
+            self.model = GlmMoeDsaForCausalLM(
+                config.model, ps, config.dtype,
+                max_tokens_per_rank=-(-config.scheduler.max_num_batched_tokens // ps.tp_size))
         load_weights(self.model, config.model_path, progress=ps.rank == 0 and ps.tp_size * ps.dp_size > 1)
         self.model.eval()
         self.block_size = config.cache.block_size

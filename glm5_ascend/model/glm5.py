@@ -219,9 +219,10 @@ class MoE(nn.Module):
     all-reduce then gathers the rows and sums the shared expert.
     """
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype, max_tokens_per_rank: int | None = None):
         super().__init__()
         self.cfg, self.ps = cfg, ps
+        self.max_tokens_per_rank = max_tokens_per_rank  # static bound on the rows one rank routes (ops.ep_dispatch)
         self.gate = Router(cfg)
         self.experts = Experts(cfg, ps, dtype)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ps, dtype,
@@ -238,7 +239,8 @@ class MoE(nn.Module):
         start, stop = tp_rows(x.shape[0], self.ps)
         mine = x[start:stop]
         weights, ids = self._route(mine)
-        recv, counts, handle = ops.ep_dispatch(mine, ids, weights, self.cfg.n_routed_experts, self.ps.ep_group)
+        recv, counts, handle = ops.ep_dispatch(mine, ids, weights, self.cfg.n_routed_experts, self.ps.ep_group,
+                                               self.ps.mc2_group, self.max_tokens_per_rank)
         out = ops.ep_combine(ops.grouped_mlp(recv, counts, self.experts.w13_weight, self.experts.w2_weight),
                              handle)
         if self.ps.tp_size == 1:
@@ -259,10 +261,12 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, ps: ParallelState, dtype: torch.dtype,
+                 max_tokens_per_rank: int | None = None):
         super().__init__()
         self.self_attn = MLAttention(cfg, layer, ps, dtype)
-        self.mlp = MoE(cfg, ps, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, ps, dtype)
+        self.mlp = (MoE(cfg, ps, dtype, max_tokens_per_rank) if cfg.is_moe_layer(layer)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, ps, dtype))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -284,9 +288,9 @@ class MTPLayer(DecoderLayer):
     Loaded and kept for speculative decoding; the main forward pass does not run it.
     """
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype, max_tokens_per_rank: int | None = None):
         cfg_full = _with_full_indexer(cfg)
-        super().__init__(cfg_full, cfg.num_hidden_layers, ps, dtype)
+        super().__init__(cfg_full, cfg.num_hidden_layers, ps, dtype, max_tokens_per_rank)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
@@ -301,12 +305,12 @@ def _with_full_indexer(cfg: ModelConfig) -> ModelConfig:
 
 
 class GlmModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype, max_tokens_per_rank: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps, dtype)
-        layers = [DecoderLayer(cfg, i, ps, dtype) for i in range(cfg.num_hidden_layers)]
-        layers += [MTPLayer(cfg, ps, dtype) for _ in range(min(cfg.num_nextn_predict_layers, 1))]
+        layers = [DecoderLayer(cfg, i, ps, dtype, max_tokens_per_rank) for i in range(cfg.num_hidden_layers)]
+        layers += [MTPLayer(cfg, ps, dtype, max_tokens_per_rank) for _ in range(min(cfg.num_nextn_predict_layers, 1))]
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         hf_fields = dict(qk_rope_head_dim=cfg.qk_rope_head_dim, hidden_size=cfg.hidden_size,
@@ -325,12 +329,15 @@ class GlmModel(nn.Module):
 class GlmMoeDsaForCausalLM(nn.Module):
     """GLM-5 for inference on a paged cache. forward -> final hidden states [T, D]."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState = SINGLE, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState = SINGLE, dtype: torch.dtype = torch.bfloat16,
+                 max_tokens_per_rank: int | None = None):
+        """max_tokens_per_rank: the static bound on the tokens one rank routes through expert-parallel
+        dispatch per step (the engine's max_num_batched_tokens / TP), given to every MoE layer."""
         super().__init__()
         if cfg.tie_word_embeddings:
             raise ValueError("config.json: tie_word_embeddings=true; GLM-5 has an untied lm_head")
         self.cfg, self.ps, self.dtype = cfg, ps, dtype
-        self.model = GlmModel(cfg, ps, dtype)
+        self.model = GlmModel(cfg, ps, dtype, max_tokens_per_rank)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ps, dtype)
 
     @property

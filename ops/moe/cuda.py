@@ -265,7 +265,7 @@ def moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.
 
     Args:
         expert_out: [N, D] rows in moe_permute's order; order: int64 [N] flat (token * k + j) index
-            of each row; weights: [T, k].
+            of each row, -1 for padding rows (skipped); weights: [T, k].
     Returns:
         [T, D] in expert_out's dtype. A gather per token (no atomics), so the result is deterministic.
     """
@@ -274,8 +274,11 @@ def moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.
     out = torch.empty((T, D), dtype=expert_out.dtype, device=expert_out.device)
     if T == 0:
         return out
-    inv = torch.full((T * topk,), -1, dtype=torch.int32, device=expert_out.device)
-    inv.scatter_(0, order, torch.arange(N, dtype=torch.int32, device=expert_out.device))
+    # slot -> row; padding rows (order -1, e.g. another backend's padded moe_permute) go to a spare slot
+    inv = torch.full((T * topk + 1,), -1, dtype=torch.int32, device=expert_out.device)
+    rows = torch.arange(N, dtype=torch.int32, device=expert_out.device)
+    inv.scatter_(0, torch.where(order >= 0, order, T * topk), rows)
+    inv = inv[:T * topk]
     expert_out = expert_out if expert_out.stride(-1) == 1 else expert_out.contiguous()
     w = weights.contiguous()
     block = min(2048, triton.next_power_of_2(D))

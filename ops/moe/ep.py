@@ -36,12 +36,15 @@ def _all_to_all(x: torch.Tensor, out_rows: int, in_splits: list, out_splits: lis
     return out
 
 
-def ep_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, ep_group):
+def ep_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, ep_group,
+                mc2_group=None, max_tokens_per_rank: int | None = None):
     """Send each token's rows to the ranks owning its experts.
 
     Args:
         hidden: [T, D]; expert_ids: int [T, k] global expert ids (ids < 0 are dropped, e.g. padding);
         weights: [T, k] routing weights (kept for combine); num_experts: E over all ranks.
+        mc2_group, max_tokens_per_rank: for the npu backend's MC2 path; ignored here (everything runs
+            on ep_group, and the result has exactly N rows).
     Returns:
         recv_hidden [N, D] rows grouped by local expert, recv_counts int64 [E_local], handle.
     """

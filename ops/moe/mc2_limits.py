@@ -7,8 +7,9 @@ the same text in aclnnMoeDistributeDispatchV2.md of the CANN ops-transformer rep
 those formulas is integer division.
 
 The engine calls the op as ops/moe/npu.py does: no TP domain, no shared-expert ranks
-(shared_expert_num=0, shared_expert_rank_num=0), no quantisation, comm_alg "" (A2: "fullmesh"
-unless HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0; A3: "fullmesh_v1").
+(shared_expert_rank_num=0; shared_expert_num=0 on A3, its default on A2, which does not support it
+and whose formula does not use it), no quantisation, comm_alg "fullmesh" on A2 (which "" would pick
+unless HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0) and "" on A3 ("fullmesh_v1").
 """
 from __future__ import annotations
 

@@ -56,25 +56,31 @@ def moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.
     """Weighted sum of each token's expert outputs back into token order.
 
     Args:
-        expert_out: [N, D] rows in moe_permute's order; weights: [T, k] routing weights.
+        expert_out: [M, D] rows in moe_permute's order; order: int64 [M], the flat (token * k + j) slot
+            of each row, -1 for padding rows (ignored: their content may be anything, NaN included);
+        weights: [T, k] routing weights.
     Returns:
         [T, D] in expert_out's dtype.
     """
     T, k = weights.shape
-    w = weights.reshape(-1)[order].to(expert_out.dtype)
+    kept = order >= 0
+    slot = order.clamp(min=0)
+    w = weights.reshape(-1)[slot].to(expert_out.dtype)
+    rows = torch.where(kept[:, None], expert_out * w[:, None], expert_out.new_zeros(()))
     out = torch.zeros((T, expert_out.shape[1]), dtype=expert_out.dtype, device=expert_out.device)
-    return out.index_add_(0, order // k, expert_out * w[:, None])
+    return out.index_add_(0, slot // k, rows)
 
 
 def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over rows grouped by expert.
 
     Args:
-        x: [N, D] rows sorted by expert; counts: [E] rows per expert (sum N).
+        x: [M, D] rows sorted by expert; counts: [E] rows per expert, sum N <= M (rows past N are
+            padding; their output is left unspecified).
         w13: [E, 2I, D] gate rows then up rows; w2: [E, D, I]; either may be in the cuda backend's
             tile-packed form (unpack_weights), as a model loaded for that backend holds them.
     Returns:
-        [N, D].
+        [M, D].
     """
     w13, w2 = unpack_weights(w13), unpack_weights(w2)
     out = torch.empty_like(x)

@@ -43,10 +43,21 @@ def device() -> torch.device:
     return torch.device("npu") if real_npu() else torch.device("cpu")
 
 
+@pytest.fixture(params=["a3", "a2"])
+def npu_profile(request) -> str:
+    """The Atlas generation under test: both with the emulator; on an Ascend host only its own."""
+    if real_npu():
+        from glm5_ascend.ops.npu_profile import device_profile
+        if request.param != device_profile():
+            pytest.skip(f"this NPU is {device_profile()}")
+    return request.param
+
+
 @pytest.fixture
-def npu_backend(monkeypatch, device):
-    """GLM5_OPS_BACKEND=npu with torch_npu present (the emulator on hosts without one); yields it."""
-    with emulator.installed() as torch_npu:
+def npu_backend(monkeypatch, device, npu_profile):
+    """GLM5_OPS_BACKEND=npu with torch_npu present (the emulator on hosts without one, holding the
+    limits of `npu_profile`); yields it."""
+    with emulator.installed(npu_profile) as torch_npu:
         monkeypatch.setenv("GLM5_OPS_BACKEND", "npu")
         yield torch_npu
 

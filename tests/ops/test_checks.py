@@ -176,8 +176,11 @@ def test_permute_and_unpermute_name_the_argument(monkeypatch):
     _raises("expert_out has 8 rows but weights [T=2, k=2] has only 4 token slots",
             ops.moe_unpermute, permuted, order, w[:2])
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
-    _raises("order must index the 8 token slots of weights, got values 0..8",
+    _raises("order must index the 8 token slots of weights (-1: padding), got values 0..8",
             ops.moe_unpermute, permuted, torch.where(order == 7, 8, order), w)
+    _raises("order names a token slot twice", ops.moe_unpermute, permuted, torch.where(order == 7, 6, order), w)
+    padded = torch.where(order == 7, -1, order)  # a padding row (the npu backend's padded moe_permute)
+    assert ops.moe_unpermute(permuted, padded, w).shape == (4, 6)
 
 
 @pytest.mark.parametrize("change,msg", [
@@ -194,11 +197,12 @@ def test_grouped_mlp_names_inputs_that_do_not_fit(change, msg):
     _raises(msg, ops.grouped_mlp, *change(x, counts, w13, w2))
 
 
-def test_grouped_mlp_counts_must_cover_the_rows(monkeypatch):
+def test_grouped_mlp_counts_must_fit_the_rows(monkeypatch):
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "1")
     x, w13, w2 = torch.randn(5, 8), torch.randn(3, 8, 8), torch.randn(3, 8, 4)
-    _raises("counts must be >= 0 and sum to x's 5 rows, got sum 4",
-            ops.grouped_mlp, x, torch.tensor([2, 0, 2]), w13, w2)
+    _raises("counts must be >= 0 and sum to at most x's 5 rows, got sum 6",
+            ops.grouped_mlp, x, torch.tensor([2, 1, 3]), w13, w2)
+    assert ops.grouped_mlp(x, torch.tensor([2, 0, 2]), w13, w2).shape == (5, 8)  # the fifth row is padding
 
 
 def test_a_non_tensor_is_a_type_error():

@@ -612,7 +612,8 @@ def test_moe_permute_equals_the_reference(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ep_drop", [False, True])
-def test_moe_unpermute(dtype, ep_drop):
+@pytest.mark.parametrize("padded", [False, True])
+def test_moe_unpermute(dtype, ep_drop, padded):
     T, E, topk, D = 50, 8, 3, 96
     x, ids, _, _ = _moe_case(T, E, topk, D, 16, dtype)
     if ep_drop:  # this EP rank owns experts 0..3; token 0 has none of its experts here
@@ -622,6 +623,9 @@ def test_moe_unpermute(dtype, ep_drop):
     permuted, order, counts = moe_ref.moe_permute(x, ids, E)
     rows = permuted.float() * 1.5 - 0.25
     want = moe_ref.moe_unpermute(rows, order, weights)
+    if padded:  # another backend's padded moe_permute: rows past N are padding (order -1), content unspecified
+        rows = torch.cat([rows, torch.full((5, D), float("nan"), device=DEV)])
+        order = torch.cat([order, torch.full((5,), -1, dtype=order.dtype, device=DEV)])
     got = moe().moe_unpermute(rows.to(dtype), order, weights)
     assert got.dtype == dtype
     assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)

@@ -3,6 +3,12 @@
 Signatures are the torch-npu 2.13 schema (tests/ops/test_npu_contract.py checks them). Shapes and
 dtypes follow the meta kernels; the math is the reference (ops/dsa/reference.py). Layouts other than
 the ones the npu backend uses (TND queries, PA_BSND caches, ND cache writes) raise EmulatorLimit.
+
+The documented limits, the same on Atlas A2 and A3, each checked with the doc line it comes from:
+  [li]  Ascend/op-plugin docs/context/torch_npu-npu_lightning_indexer.md, and the CANN ops-transformer
+        LightningIndexer README where it is more precise (per-device head counts)
+  [sfa] Ascend/op-plugin docs/context/torch_npu-npu_sparse_flash_attention.md
+  [whl] torch-npu 2.13.0's torch_npu/_op_plugin_docs.py
 """
 from __future__ import annotations
 
@@ -12,7 +18,24 @@ from glm5_ascend.ops.dsa import reference
 
 from .common import HALF_OR_FP32, MAX_INT64, limit, require
 
+# [whl] npu_lightning_indexer sparse_count: "支持1-2048以及3072、4096、5120、6144、7168、8192" ([li] says [1, 2048])
 _SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
+# [li] "参数query中的D和参数key中的D值相等为128"
+INDEX_DIM = 128
+# [li] README: "A3 训练系列产品/Atlas A3 推理系列产品: query N1支持小于等于64" ([li] torch_npu page: "N1仅支持64")
+INDEX_MAX_HEADS = 64
+# [sfa] "参数query中的D和key、value的D值相等为512，参数query_rope中的D和key_rope的D值相等为64"
+SFA_DIM, SFA_ROPE_DIM = 512, 64
+# [sfa] query: "N1支持1/2/4/8/16/32/64/128"
+SFA_HEADS = {1, 2, 4, 8, 16, 32, 64, 128}
+# [sfa] attention_mode: "仅支持传入2，表示MLA-absorb模式"
+MLA_ABSORB = 2
+
+
+def _paged_block(op: str, block_size: int) -> None:
+    """[li] / [sfa] PA_BSND key: "block_size取值为16的倍数，最大支持1024"."""
+    require(block_size % 16 == 0 and 0 < block_size <= 1024, op,
+            f"PA_BSND block_size must be a multiple of 16 up to 1024, got {block_size}")
 
 
 def _tnd_batch(op, T, actual_seq_lengths_query, actual_seq_lengths_key, block_table, block_size):
@@ -42,17 +65,25 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     require(query.numel() > 0 and key.numel() > 0, op, "query and key must not be empty")
     require(sparse_count in _SPARSE_COUNTS, op, f"sparse_count={sparse_count} is not supported")
     limit(layout_query == "TND" and layout_key == "PA_BSND", op, "only layout_query=TND, layout_key=PA_BSND")
-    limit(sparse_mode == 3 and pre_tokens == MAX_INT64 and next_tokens == MAX_INT64 and not return_value,
-          op, "only sparse_mode=3 with default pre/next tokens and return_value=False")
+    # [li] pre_tokens / next_tokens: "仅支持默认值2^63-1"; return_value: "仅在训练且layout_kv不为PA_BSND场景支持"
+    require(pre_tokens == MAX_INT64 and next_tokens == MAX_INT64, op, "pre_tokens / next_tokens take only 2^63-1")
+    require(not return_value, op, "return_value is supported only in training and not with layout_key=PA_BSND")
+    require(sparse_mode in (0, 3), op, "sparse_mode is 0 or 3")
+    limit(sparse_mode == 3, op, "only sparse_mode=3")
     require(query.dim() == 3 and key.dim() == 4 and weights.dim() == 2, op,
             "TND query is [T, N1, D], PA_BSND key [blocks, block_size, N2, D], weights [T, N1]")
     T, N1, D = query.shape
     nb, bs, N2, Dk = key.shape
     require(Dk == D and weights.shape == (T, N1), op, "query, key and weights shapes disagree")
-    limit(N2 == 1, op, "one key head (N2=1)")
+    require(D == INDEX_DIM, op, f"query / key D must be {INDEX_DIM}, got {D}")
+    require(N1 <= INDEX_MAX_HEADS, op, f"query heads N1 must be <= {INDEX_MAX_HEADS}, got {N1}")
+    require(N2 == 1, op, "key heads N2 must be 1 ('N2仅支持1')")
+    _paged_block(op, bs)
+    # [li] query / key / weights: "不支持非连续 ... 数据类型支持bfloat16和float16"; "参数query、key、weights的数据类型应保持一致"
     for name, t in (("query", query), ("key", key), ("weights", weights)):
         require(t.dtype in HALF_OR_FP32 and t.is_contiguous(), op, f"{name} must be contiguous bf16/fp16")
-    require(key.dtype == query.dtype, op, "key dtype must equal query dtype")
+    require(key.dtype == query.dtype and weights.dtype == query.dtype, op,
+            "query, key and weights must share a dtype (weights in the query's dtype)")
     cu, seq_lens = _tnd_batch(op, T, actual_seq_lengths_query, actual_seq_lengths_key, block_table, bs)
     idx = reference.lightning_indexer(query, weights.float(), key.view(nb, bs, D), block_table, cu, seq_lens,
                                       sparse_count, 1.0)
@@ -77,21 +108,34 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *
                                return_softmax_lse=False, sinks=None):
     """-> (out [T, N1, D] query dtype, softmax_max, softmax_sum float32 [N2, T, N1] or [0])."""
     op = "npu_sparse_flash_attention"
-    require(query.numel() > 0 and key.numel() > 0 and sparse_indices.numel() > 0, op, "empty input")
+    require(query.numel() > 0 and key.numel() > 0 and sparse_indices.numel() > 0, op,
+            "empty input (sparse_size must be > 0: '需要满足sparse_size大于0')")
     limit(layout_query == "TND" and layout_kv == "PA_BSND", op, "only layout_query=TND, layout_kv=PA_BSND")
-    limit(sparse_mode == 3 and sparse_block_size == 1 and attention_mode == 0 and sinks is None
-          and pre_tokens == MAX_INT64 and next_tokens == MAX_INT64, op,
-          "only sparse_mode=3, sparse_block_size=1, attention_mode=0, no sinks")
-    limit(value is not None and value.shape == key.shape and value.data_ptr() == key.data_ptr(), op,
-          "value must be the key tensor (MLA absorbed form)")
-    limit(query_rope is not None and key_rope is not None, op, "query_rope and key_rope (MLA)")
+    require(attention_mode == MLA_ABSORB, op,
+            f"attention_mode takes only 2 (MLA-absorb: rope parts joined to the nope parts), got {attention_mode}")
+    require(query_rope is not None and key_rope is not None, op, "MLA-absorb needs query_rope and key_rope")
+    require(not return_softmax_lse or layout_kv != "PA_BSND", op,
+            "return_softmax_lse is supported only in training and not with layout_kv=PA_BSND")
+    require(pre_tokens == MAX_INT64 and next_tokens == MAX_INT64, op, "pre_tokens / next_tokens take only 2^63-1")
+    # [sfa] sparse_block_size: "取值范围为[1,128]，且为2的幂次方"; "支持sparse_block_size整除block_size"
+    require(1 <= sparse_block_size <= 128 and sparse_block_size & (sparse_block_size - 1) == 0, op,
+            "sparse_block_size must be a power of two in [1, 128]")
+    limit(sparse_mode == 3 and sparse_block_size == 1 and sinks is None, op,
+          "only sparse_mode=3, sparse_block_size=1, no sinks")
+    # [sfa] value: "shape与key的shape一致"; attention_mode 2: "key和value共享同一份底层张量数据"
+    require(value is not None and value.shape == key.shape and value.data_ptr() == key.data_ptr(), op,
+            "MLA-absorb: value must share key's data")
     require(query.dim() == 3 and key.dim() == 4, op, "TND query [T, N1, D], PA_BSND key [blocks, block_size, N2, D]")
     T, N1, D = query.shape
     nb, bs, N2, Dk = key.shape
-    limit(N2 == 1, op, "one kv head (N2=1)")
+    require(N2 == 1, op, "KV_N must be 1 ('KV_N只支持1')")
+    require(D == SFA_DIM and Dk == SFA_DIM, op, f"query / key / value D must be {SFA_DIM}, got {D} and {Dk}")
+    require(N1 in SFA_HEADS, op, f"query heads N1 must be one of 1/2/4/8/16/32/64/128, got {N1}")
+    _paged_block(op, bs)
+    require(bs % sparse_block_size == 0, op, "sparse_block_size must divide block_size")
     Dr = query_rope.shape[-1]
-    require(Dk == D and query_rope.shape == (T, N1, Dr) and key_rope.shape == (nb, bs, 1, Dr), op,
-            "query/key/query_rope/key_rope shapes disagree")
+    require(Dr == SFA_ROPE_DIM and query_rope.shape == (T, N1, Dr) and key_rope.shape == (nb, bs, 1, Dr), op,
+            f"query_rope [T, N1, {SFA_ROPE_DIM}] / key_rope [blocks, block_size, 1, {SFA_ROPE_DIM}] disagree")
     require(sparse_indices.dim() == 3 and sparse_indices.shape[:2] == (T, N2) and sparse_indices.dtype == torch.int32,
             op, "TND sparse_indices must be int32 [T, N2, sparse_size]")
     for name, t in (("query", query), ("key", key), ("query_rope", query_rope), ("key_rope", key_rope),
@@ -103,24 +147,9 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *
     idx = sparse_indices.view(T, -1)
     idx = torch.where(_causal_valid(op, idx, cu, seq_lens), idx, -1)
     lat, rope = key.view(nb, bs, D), key_rope.view(nb, bs, Dr)
-    out, lse = reference.sparse_mla_attention(query, query_rope, lat, rope, block_table, cu, seq_lens, idx,
-                                              scale_value, return_lse=True)
-    if not return_softmax_lse:
-        empty = torch.empty(0, dtype=torch.float32, device=query.device)
-        return out, empty, empty.clone()
-    # The kernel's online-softmax state: the row max m and sum(exp(s - m)); lse = m + log(sum).
-    m = _row_max(query, query_rope, lat, rope, block_table, cu, idx, scale_value)
-    return out, m.view(1, T, N1), torch.exp(lse - m).view(1, T, N1)
-
-
-def _row_max(q, q_rope, lat, rope, block_tables, cu, idx, scale):
-    """max over each query's selected tokens of the scaled score, float32 [T, H]."""
-    lens = (cu[1:] - cu[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    slots = reference._gather_slots(block_tables, seq[:, None], idx.clamp(min=0).long(), lat.shape[1])
-    s = (torch.einsum("thr,tkr->thk", q.float(), lat.view(-1, lat.shape[-1])[slots].float())
-         + torch.einsum("thd,tkd->thk", q_rope.float(), rope.view(-1, rope.shape[-1])[slots].float())) * scale
-    return s.masked_fill(~(idx >= 0)[:, None, :], float("-inf")).amax(-1)
+    out = reference.sparse_mla_attention(query, query_rope, lat, rope, block_table, cu, seq_lens, idx, scale_value)
+    empty = torch.empty(0, dtype=torch.float32, device=query.device)
+    return out, empty, empty.clone()
 
 
 def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,

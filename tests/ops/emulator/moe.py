@@ -1,8 +1,14 @@
 """Emulated MoE kernels: gating top-k, init routing v2, grouped matmul, swiglu, token unpermute.
 
 Signatures are the torch-npu 2.13 schema; shapes, dtypes and documented constraints follow the meta
-kernels and _op_plugin_docs.py; the math is the documented formula in plain torch. Options the npu
-backend never passes raise EmulatorLimit.
+kernels and the op docs; the math is the documented formula in plain torch. Options the npu backend
+never passes raise EmulatorLimit. The limits are the same on Atlas A2 and A3; each rule cites its doc:
+  [gating]  Ascend/op-plugin docs/context/torch_npu-npu_moe_gating_top_k.md
+  [routing] Ascend/op-plugin docs/context/torch_npu-npu_moe_init_routing_v2.md, and the CANN ops-transformer
+            MoeInitRoutingV3 README (which spells out row_idx_type 0: "expandedRowIdxOut[sortedRowIdx[i]]=i",
+            "当rowIdxType为0时，无效数据由-1填充")
+  [gmm]     torch-npu 2.13.0 _op_plugin_docs.py npu_grouped_matmul (the op-plugin page says the same for A2/A3)
+  [unperm]  Ascend/op-plugin torch_npu.npu_moe_token_unpermute page
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import limit, require, undefined_like
+
+INNER_LIMIT = 65536
 
 
 def npu_moe_gating_top_k(x, k, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
@@ -23,13 +31,19 @@ def npu_moe_gating_top_k(x, k, *, bias=None, input_ids=None, tid2eid=None, k_gro
     op = "npu_moe_gating_top_k"
     require(x.dim() == 2, op, "the x shape support only 2d")
     T, E = x.shape
+    # [gating] x: "最后一维的大小（即专家数）要求不大于2048"
     require(E <= 2048, op, "at most 2048 experts")
     require(bias is None or (bias.shape == (E,) and bias.dtype == x.dtype), op, "bias must be [E] in x's dtype")
     limit(input_ids is None and tid2eid is None, op, "no hash routing (input_ids / tid2eid)")
     require(renorm == 0, op, "renorm only supports 0")
     limit(norm_type == 1, op, "sigmoid only (norm_type=1)")
+    # [gating] group_count: "x_shape[-1]能够被group_count整除且整除后的结果大于2，并且整除的结果按照32个数对齐后乘
+    # group_count的结果不大于2048"
     require(group_count > 0 and E % group_count == 0 and E // group_count > 2, op,
             "experts must split into group_count groups of more than 2")
+    require(-(-(E // group_count) // 32) * 32 * group_count <= 2048, op,
+            "experts per group, aligned up to 32, times group_count must be <= 2048")
+    # [gating] k: "1 <= k <= x_shape[-1] / group_count * k_group"; k_group: "1 <= k_group <= group_count"
     require(1 <= k_group <= group_count and 1 <= k <= E // group_count * k_group, op,
             "need 1 <= k_group <= group_count and 1 <= k <= E / group_count * k_group")
     require(group_select_mode in (0, 1), op, "group_select_mode is 0 or 1")
@@ -61,13 +75,19 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
             "x must be [NUM_ROWS, H] and expert_idx [NUM_ROWS, K]")
     require(expert_idx.dtype == torch.int32, op, "expert_idx must be int32")
     T, K = expert_idx.shape
-    require(active_num >= -1, op, "active_num must be >= -1")
-    limit(active_num in (-1, 0, T * K), op, "active_num covering every row (-1, 0 or NUM_ROWS * K)")
+    # [routing] active_num: "当前未使用，校验需等于NUM_ROWS*K"; expert_num: "其他模式取值范围为[0, 10240]";
+    # drop_pad_mode "当前仅支持0"; expert_tokens_num_type "当前仅支持1和2"; expert_tokens_num_flag "当前仅支持True";
+    # quant_mode "当前仅支持-1和1"; row_idx_type "0表示gather类型的索引；1表示scatter类型的索引"
+    require(active_num == T * K, op, f"active_num must equal NUM_ROWS*K={T * K}, got {active_num}")
     require(0 < expert_num <= 10240, op, "expert_num must be in (0, 10240]")
     require(drop_pad_mode == 0, op, "only drop_pad_mode=0 (dropless)")
-    limit(expert_tokens_num_type == 1 and expert_tokens_num_flag, op, "count mode (expert_tokens_num_type=1, flag)")
+    require(expert_tokens_num_type in (1, 2) and expert_tokens_num_flag, op,
+            "expert_tokens_num_type is 1 or 2 and expert_tokens_num_flag True")
+    limit(expert_tokens_num_type == 1, op, "count mode (expert_tokens_num_type=1)")
+    require(quant_mode in (-1, 1), op, "quant_mode is -1 or 1")
     limit(quant_mode == -1 and scale is None and offset is None and x_dtype is None, op, "no quantisation")
     require(row_idx_type in (0, 1), op, "row_idx_type is 0 or 1")
+    # [routing] active_expert_range: "要求值大于等于0，并且expert_end不大于expert_num"
     start, end = active_expert_range if len(active_expert_range) == 2 else (0, expert_num)
     require(0 <= start < end <= expert_num, op, "active_expert_range must satisfy 0 <= start < end <= expert_num")
     flat = expert_idx.reshape(-1).long()
@@ -102,23 +122,31 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     limit(all(e is None for e in extras) and act_type == 0, op, "no bias, quantisation or activation")
     a, w = x[0], weight[0]
     require(a.dim() == 2 and w.dim() == 3 and w.shape[1] == a.shape[1], op, "x [M, K] and weight [E, K, N] disagree")
+    # [gmm] "内轴限制InnerLimit为65536. x和weight中每一组tensor的最后一维大小都应小于InnerLimit. xi的最后一维指当x不转置时
+    # xi的K轴 ... weighti的最后一维指当weight不转置时weighti的N轴或当weight转置时weighti的K轴"
+    w_transposed = w.dim() == 3 and w.stride(1) == 1 and w.stride(2) != 1
+    w_last = w.shape[1] if w_transposed else w.shape[2]
+    require(a.shape[1] < INNER_LIMIT and w_last < INNER_LIMIT, op,
+            f"the last dims of x ({a.shape[1]}) and weight ({w_last}) must be below {INNER_LIMIT}")
     require(a.dtype == w.dtype and a.dtype in (torch.float16, torch.bfloat16, torch.float32), op,
             "x and weight must share a float dtype")
     require(a.is_contiguous(), op, "x does not support transposition")
     require(isinstance(group_list, torch.Tensor) and group_list.dtype == torch.int64
             and group_list.shape == (w.shape[0],), op, "group_list must be int64 [E]")
     require(w.shape[0] <= 1024, op, "at most 1024 groups")
+    # [gmm] group_list: "当group_list_type为0时，group_list必须为非负单调非递减数列。当group_list_type为1时，group_list
+    # 必须为非负数列，且长度不能为1"; it indexes x's first dim, so it covers at most M rows. Rows past it: undefined.
     require(group_list_type in (0, 1), op, "group_list_type is 0 (cumsum) or 1 (counts)")
     if group_list_type == 0:
         ends = group_list
-        require(bool((ends[1:] >= ends[:-1]).all()) and int(ends[-1]) == a.shape[0], op,
-                "a cumsum group_list must be non-decreasing and end at M")
+        require(bool((ends >= 0).all()) and bool((ends[1:] >= ends[:-1]).all()) and int(ends[-1]) <= a.shape[0], op,
+                "a cumsum group_list must be non-negative, non-decreasing and end at most at M")
     else:
         require(group_list.numel() > 1, op, "a count group_list must not have length 1")
-        require(bool((group_list >= 0).all()) and int(group_list.sum()) == a.shape[0], op,
-                "counts must be non-negative and sum to M")
+        require(bool((group_list >= 0).all()) and int(group_list.sum()) <= a.shape[0], op,
+                "counts must be non-negative and sum to at most M")
         ends = group_list.cumsum(0)
-    out = a.new_empty((a.shape[0], w.shape[2]))
+    out = undefined_like((a.shape[0], w.shape[2]), a.dtype, a.device)
     start = 0
     for g, end in enumerate(ends.tolist()):
         out[start:end] = a[start:end] @ w[g]
@@ -136,6 +164,8 @@ def npu_swiglu(self, dim=-1):
 def npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
     """out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t * K + j]] -> [T, H] permuted dtype."""
     op = "npu_moe_token_unpermute"
+    # [unperm] sorted_indices: "数据类型支持int32 ... 取值范围是[0, tokens_num * topK_num - 1]，且没有重复索引";
+    # "topK_num要求小于等于512"; padded_mode / restore_shape: "当前仅支持False" / "当前仅支持None"
     require(permuted_tokens.dim() == 2 and sorted_indices.dim() == 1, op,
             "permuted_tokens must be 2-D and sorted_indices 1-D")
     require(sorted_indices.dtype == torch.int32, op, "sorted_indices must be int32")
