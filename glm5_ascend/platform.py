@@ -58,6 +58,23 @@ class Platform:
     def supports_graphs(self) -> bool:
         return self.name in ("cuda", "npu")
 
+    def new_graph(self):
+        """An empty torch.cuda.CUDAGraph / torch.npu.NPUGraph (aclgraph); None on cpu (no graphs)."""
+        if self.name == "cuda":
+            return torch.cuda.CUDAGraph()
+        if self.name == "npu":
+            return torch.npu.NPUGraph()
+        return None
+
+    def graph_pool(self):
+        """A memory-pool handle the captured graphs share (they never run at the same time)."""
+        mod = self.module()
+        return mod.graph_pool_handle() if mod is not None else None
+
+    def capture(self, graph, pool):
+        """Context manager capturing this stream's work into `graph` (torch.cuda.graph / torch.npu.graph)."""
+        return self.module().graph(graph, pool=pool)
+
 
 def _host_memory() -> tuple[int, int]:
     total = free = 0
@@ -80,15 +97,38 @@ def npu_available() -> bool:
     return bool(getattr(torch, "npu", None)) and torch.npu.is_available()
 
 
+def _npu_missing() -> str | None:
+    """Why the npu platform cannot be used here (None if it can)."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return ("torch_npu is not installed; on an Ascend host with CANN run `bash scripts/setup.sh --npu` "
+                "(torch_npu 2.13 needs CANN 9.2.0), elsewhere use cpu or cuda")
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the reason goes into the message
+        return (f"torch_npu fails to import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "source CANN's set_env.sh (e.g. /usr/local/Ascend/ascend-toolkit/set_env.sh) and check that its "
+                "release matches torch_npu's")
+    if not (getattr(torch, "npu", None) and torch.npu.is_available()):
+        return "torch_npu is installed but no NPU is visible; check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
-def _detect(forced: str | None) -> Platform:
+def _detect(forced: str | None, source: str = "GLM5_DEVICE") -> Platform:
+    """The platform; `forced` names one (from `source`: the GLM5_DEVICE variable or the --device flag)."""
     if forced:
+        given = f"{source}={forced}" if source == "GLM5_DEVICE" else f"{source} {forced}"
         if forced not in _DIST_BACKENDS:
-            raise ValueError(f"GLM5_DEVICE={forced!r} is not a platform; use one of npu, cuda, cpu")
+            raise ValueError(f"{given} is not a platform; use one of npu, cuda, cpu")
         if forced == "cuda" and not torch.cuda.is_available():
-            raise ValueError("GLM5_DEVICE=cuda but no CUDA device is visible; unset it or use cpu")
-        if forced == "npu" and not npu_available():
-            raise ValueError("GLM5_DEVICE=npu but torch_npu or an NPU is missing; install glm5-ascend[npu] on an Ascend host")
+            fix = "unset it or set it to cpu" if source == "GLM5_DEVICE" else "pass --device cpu (or auto)"
+            why = ("this torch is a CPU build" if torch.version.cuda is None
+                   else "no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"{given}: {why}; {fix}")
+        if forced == "npu":
+            missing = _npu_missing()
+            if missing:
+                raise ValueError(f"{given}: {missing}")
         return Platform(forced)
     if npu_available():
         return Platform("npu")
@@ -103,8 +143,9 @@ def current_platform() -> Platform:
 
 
 def platform_for_device(device: str | torch.device | None) -> Platform:
-    """The platform owning `device` ("cpu", "cuda:1", "npu"...), or the detected one if None."""
+    """The platform owning `device` ("cpu", "cuda:1", "npu"...; the --device flag), or the detected one if
+    None / auto. Parsed here, not by torch.device: torch rejects "npu" until torch_npu is imported."""
     if device is None or device == "auto":
         return current_platform()
-    kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
-    return _detect(kind)
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
+    return _detect(kind, "--device")
