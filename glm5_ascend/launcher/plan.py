@@ -128,10 +128,12 @@ def plan(c: ModelConfig, devices: int, tp: int, hbm_gib: float, hbm_tbps: float,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory or config.json (default: the built-in tiny model)")
     p.add_argument("--device", choices=sorted(DEVICES), default="atlas-a2", help="per-device facts to assume")
-    p.add_argument("--devices", type=int, default=8, help="devices in all (nodes x devices per node)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=8)
+    p.add_argument("--devices", type=int, default=1, help="devices in all (nodes x devices per node)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices per tensor-parallel group (divides --devices and the attention heads)")
     p.add_argument("--dtype", default="bfloat16", help="weight and KV dtype")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of each device's memory for weights and KV cache")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--batch", type=int, default=32, help="sequences decoding together per data-parallel group")
     p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence in the decode estimate")

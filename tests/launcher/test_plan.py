@@ -45,9 +45,17 @@ def test_cli_prints_a_verdict_and_exit_code(glm5, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "glm5_ascend.cli", "plan", "--model", str(REF), *args],
                               capture_output=True, text=True, timeout=120)
-    small = run("--devices", "8")
+    small = run("--devices", "8", "-tp", "8")
     assert small.returncode == 1 and "does not fit" in small.stdout
-    big = run("--devices", "32", "--max-model-len", "8192", "--batch", "2", "--context", "4096")
+    big = run("--devices", "32", "-tp", "8", "--max-model-len", "8192", "--batch", "2", "--context", "4096")
     assert big.returncode == 0 and "verdict: fits" in big.stdout and "753.9B" in big.stdout
-    bad = run("--devices", "12")
+    bad = run("--devices", "12", "-tp", "8")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("glm5-ascend: error:") and "Traceback" not in bad.stderr
+
+
+def test_defaults_work_together_on_the_builtin_model():
+    """`glm5-ascend plan` with no argument: the tiny model on one device (its 4 heads take no TP 8)."""
+    r = subprocess.run([sys.executable, "-m", "glm5_ascend.cli", "plan"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "layout: 1 x Ascend 910B (Atlas 800 A2) (64 GiB, 1.6 TB/s), TP 1 x DP 1" in r.stdout
+    assert r.stdout.strip().endswith("verdict: fits")
