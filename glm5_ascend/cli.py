@@ -27,8 +27,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless it is None / off or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add(sub, name: str, module: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text)
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
     mod = importlib.import_module(module)
     mod.add_arguments(p)
     p.set_defaults(_main=mod.main)

@@ -8,10 +8,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from glm5_ascend.engine.arg_utils import EngineArgs
     p.add_argument("--prompt", required=True, help="text to complete")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the chat template")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens with this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     EngineArgs.add_cli_args(p)
 
 

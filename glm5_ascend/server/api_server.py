@@ -256,8 +256,13 @@ def _add_routes(app: FastAPI, s: _App) -> None:
     async def health():
         return Response(status_code=503 if ctx.engine.errored else 200)
 
-    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response)
-    async def ping():
+    # Two routes, not one api_route with two methods: those share an operation id in /openapi.json.
+    @app.get("/ping", response_class=Response)
+    async def ping_get():
+        return await health()
+
+    @app.post("/ping", response_class=Response)
+    async def ping_post():
         return await health()
 
     @app.get("/version")
@@ -292,7 +297,7 @@ def _add_routes(app: FastAPI, s: _App) -> None:
         return await s.generate(request, req, s.chat, "chatcmpl")
 
     @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS})
-    async def tokenize_route(req: P.TokenizeCompletionRequest | P.TokenizeChatRequest):
+    async def tokenize_route(req: P.TokenizeRequest):
         try:
             return JSONResponse(tokenize(ctx, req))
         except Exception as e:  # noqa: BLE001

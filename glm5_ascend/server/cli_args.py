@@ -61,26 +61,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (default: the built-in tiny model on the CPU)")
     EngineArgs.add_cli_args(p)
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use for the model")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface, as vLLM; "
+                   "127.0.0.1: this machine only). Anything reachable from a network wants --api-key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--uvicorn-log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.add_argument("--api-key", action="extend", nargs="+", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (repeatable; else VLLM_API_KEY)")
-    p.add_argument("--ssl-keyfile", default=None)
-    p.add_argument("--ssl-certfile", default=None)
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", default=None, help="the certificate for --ssl-keyfile")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
                    help="accepted for MTP lines; speculative decoding is not implemented (a warning is logged)")
-    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs a request may ask for")
     p.add_argument("--generation-config", default="auto", help="auto (the model's) | vllm (none) | DIR")
-    p.add_argument("--override-generation-config", type=_json_dict, default=None)
+    p.add_argument("--override-generation-config", type=_json_dict, default=None,
+                   help='JSON object of sampling defaults over the generation config, e.g. {"temperature": 0.6}')
     p.add_argument("--chat-template", default=None, help="a .jinja file or the template text")
-    p.add_argument("--trust-request-chat-template", action="store_true")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests pass their own chat_template (else 400)")
     p.add_argument("--tool-call-parser", default=None, help="glm47 (or glm45)")
     p.add_argument("--reasoning-parser", default=None, help="glm45")
-    p.add_argument("--enable-auto-tool-choice", action="store_true")
-    p.add_argument("--return-tokens-as-token-ids", action="store_true")
-    p.add_argument("--enable-log-requests", action="store_true")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto" (needs --tool-call-parser)')
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='show logprob tokens as "token_id:N"')
+    p.add_argument("--enable-log-requests", action="store_true", help="log each request's fields (first 2000 chars)")
     for flag in IGNORED_VALUE_FLAGS:
         p.add_argument(flag, action=_Once, help=argparse.SUPPRESS)
     for flag in IGNORED_SWITCHES:

@@ -7,6 +7,7 @@ the HTTP status, exactly as vLLM answers.
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -67,11 +68,16 @@ def sse_error(err: APIError) -> str:
     return f"data: {json.dumps(error_body(err.message, err.status, err.param))}\n\n"
 
 
+# Path parts pydantic adds for the member of a union it tried: a model's name, or a validator's wrapper
+# ("function-after[_check_prefix(), TokenizeChatRequest]"). Request fields are snake_case.
+_UNION_MEMBER = re.compile(r"[A-Z]\w*|function-\w+\[.*\]")
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One readable line from pydantic/FastAPI validation errors, plus the offending field."""
     parts, param = [], None
     for e in errors[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _UNION_MEMBER.fullmatch(str(x))]
         where = ".".join(loc)
         if param is None and loc:
             param = loc[0]
@@ -81,7 +87,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             parts.append(f"The request body is not valid JSON ({ctx}); send a JSON object.")
             param = None
         elif e.get("type") == "missing":
-            parts.append(f"Field required: `{where}`.")
+            parts.append(f"Field required: `{where}`." if where else msg)
         else:
             parts.append(f"{where}: {msg}" if where else msg)
     if len(errors) > 5:

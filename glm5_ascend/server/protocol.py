@@ -7,9 +7,9 @@ every body against them.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 _INT64 = 2 ** 63
 Int64 = Field(default=None, ge=-_INT64, le=_INT64 - 1)
@@ -165,6 +165,24 @@ class TokenizeCompletionRequest(_Request):
 class TokenizeChatRequest(_ChatFields):
     model: str | None = None
     return_token_strs: bool | None = False
+
+
+def _tokenize_kind(body: Any) -> str | None:
+    if isinstance(body, dict):
+        return "TokenizeChatRequest" if "messages" in body else (
+            "TokenizeCompletionRequest" if "prompt" in body else None)
+    if isinstance(body, (TokenizeChatRequest, TokenizeCompletionRequest)):
+        return type(body).__name__
+    return None
+
+
+# /tokenize takes a text (`prompt`) or a chat (`messages`); the body's keys pick which, so an error names
+# the fields of that one form (tags are class names: validation_message drops them from error paths).
+TokenizeRequest = Annotated[
+    Union[Annotated[TokenizeCompletionRequest, Tag("TokenizeCompletionRequest")],
+          Annotated[TokenizeChatRequest, Tag("TokenizeChatRequest")]],
+    Discriminator(_tokenize_kind, custom_error_type="prompt_or_messages_missing",
+                  custom_error_message="Field required: `prompt` (a text) or `messages` (a chat).")]
 
 
 class DetokenizeRequest(_Request):
