@@ -114,7 +114,7 @@ class ModelConfig:
         if rope_type not in ("default", "yarn"):
             raise ValueError(f"config.json: rope_type={rope_type!r} is not supported; use default or yarn")
         if self.quantization_config is not None:
-            raise ValueError("config.json: quantized checkpoints (quantization_config) are not supported yet; use the BF16 release")
+            _check_quantization(self.quantization_config)
 
     # ---- derived ----
     @property
@@ -175,6 +175,9 @@ class ModelConfig:
             raw = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e}); re-download the checkpoint") from None
+        described = _msmodelslim_quantization(Path(path))
+        if described is not None and raw.get("quantization_config") is None:
+            raw = {**raw, "quantization_config": described}
         return cls.from_dict(raw)
 
 
@@ -321,3 +324,49 @@ class EngineConfig:
         limit = self.model.max_position_embeddings
         if self.scheduler.max_model_len > limit:
             raise ValueError(f"--max-model-len {self.scheduler.max_model_len} exceeds the model's max_position_embeddings {limit}")
+
+
+# ---- quantized checkpoints (glm5_ascend/model/quant.py reads them; docs/checkpoints.md) ----
+QUANT_METHODS = ("fp8", "msmodelslim")
+MSMODELSLIM_DESCRIPTION = "quant_model_description.json"
+
+
+def _check_quantization(qc: Any) -> None:
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in QUANT_METHODS:
+        raise ValueError(f"config.json: quantization_config.quant_method={method!r} is not supported; this engine "
+                         "loads fp8 (GLM-5-FP8) and msmodelslim W8A8_DYNAMIC checkpoints; convert others with "
+                         "`glm5-ascend convert SRC DST --to bf16`")
+    if method == "fp8":
+        fmt, block = qc.get("fmt", "e4m3"), qc.get("weight_block_size")
+        if fmt != "e4m3":
+            raise ValueError(f"config.json: quantization_config.fmt={fmt!r}; only e4m3 FP8 is supported")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"config.json: quantization_config.weight_block_size={block!r} must be two positive "
+                             "integers, e.g. [128, 128]")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ValueError(f"config.json: quantization_config.activation_scheme={qc['activation_scheme']!r}; "
+                             "only dynamic is supported")
+
+
+def _msmodelslim_quantization(root: Path) -> dict | None:
+    """quantization_config for a checkpoint with msmodelslim's description file: its quant type and the
+    modules it keeps FLOAT (the model runs every other linear it can in W8A8)."""
+    desc = root / MSMODELSLIM_DESCRIPTION
+    if not desc.is_file():
+        return None
+    try:
+        types = json.loads(desc.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{desc}: not valid JSON ({e}); re-download the checkpoint") from None
+    kind = types.get("model_quant_type") if isinstance(types, dict) else None
+    if kind != "W8A8_DYNAMIC":
+        raise ValueError(f"{desc}: model_quant_type={kind!r} is not supported; serve a W8A8_DYNAMIC checkpoint "
+                         "(glm5-ascend convert SRC DST --to w8a8 writes one)")
+    bad = sorted(n for n, t in types.items() if n.endswith(".weight") and t not in ("W8A8_DYNAMIC", "FLOAT"))
+    if bad:
+        raise ValueError(f"{desc}: tensor {bad[0]} is {types[bad[0]]}; only W8A8_DYNAMIC and FLOAT tensors are "
+                         "supported")
+    float_modules = sorted(n[:-len(".weight")] for n, t in types.items() if n.endswith(".weight") and t == "FLOAT")
+    return {"quant_method": "msmodelslim", "model_quant_type": kind, "float_modules": float_modules}

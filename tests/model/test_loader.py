@@ -136,7 +136,8 @@ def test_corrupt_and_missing_files_are_named(tiny, tmp_path):
     ({"index_topk_pattern": "FFX"}, "index_topk_pattern"),
     ({"kv_lora_rank": 0}, "kv_lora_rank"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "GLM-5 only"),
-    ({"quantization_config": {"quant_method": "fp8"}}, "quantized"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quant_method='gptq' is not supported"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "weight_block_size=None must be two positive integers"),
 ])
 def test_bad_config_is_one_clear_error(tiny, change, msg):
     raw = json.loads((tiny / "config.json").read_text())
