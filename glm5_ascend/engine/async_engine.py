@@ -74,6 +74,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stalled_steps = 0
+        self._refusal: Exception | None = None  # set by abort_all: what new requests get
         self.dead_reason: str | None = None
         self.stats: dict = engine.stats()  # snapshot, refreshed by the step thread
 
@@ -113,6 +114,8 @@ class AsyncEngine:
         """
         if self.errored:
             raise EngineDeadError(self.dead_reason or "the engine step loop has stopped")
+        if self._refusal is not None:
+            raise self._refusal
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
@@ -138,6 +141,16 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send((_ABORT, request_id))
+
+    def abort_all(self, err: Exception) -> int:
+        """On the event loop (shutdown): end every request in flight, and every later one, with `err` (their
+        generators raise it) and abort them in the engine. Returns how many were in flight."""
+        self._refusal = err
+        rids = list(self._streams)
+        for rid in rids:
+            self._streams[rid].put_nowait(err)
+            self._send((_ABORT, rid))
+        return len(rids)
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)

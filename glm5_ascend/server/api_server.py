@@ -111,12 +111,34 @@ class _App:
         self.ctx, self.metrics = ctx, metrics
         self.completions, self.chat = CompletionServing(ctx), ChatServing(ctx)
         self.load = 0  # generation requests in flight (/load)
+        self.draining = False  # shutting down: new requests get 503
+
+    def begin_shutdown(self, grace: float) -> None:
+        """On the event loop, at the first SIGTERM / Ctrl-C: refuse new requests now (/health turns 503 so
+        balancers stop sending); requests in flight get `grace` seconds, then abort_all ends them."""
+        if self.draining:
+            return
+        self.draining = True
+        n = self.ctx.engine.num_in_flight
+        if n:
+            logger.info("Shutting down: %d request(s) in flight get %g s to finish (a second signal aborts them "
+                        "now)", n, grace)
+        asyncio.get_running_loop().call_later(grace, self.abort_all)
+
+    def abort_all(self) -> None:
+        """End every request in flight: a stream gets one error event and [DONE], a JSON request a 503."""
+        n = self.ctx.engine.abort_all(APIError(
+            "The server is shutting down; this request was aborted. Retry it (on another replica).", 503))
+        if n:
+            logger.info("Shutting down: aborted %d request(s) still in flight", n)
 
     async def generate(self, request: Request, req, serving, prefix: str):
         """Shared body of /v1/completions and /v1/chat/completions."""
         try:
             if self.ctx.engine.errored:
                 raise EngineDeadError("The engine has died; restart the server.")
+            if self.draining:
+                raise APIError("The server is shutting down and takes no new requests; send it elsewhere.", 503)
             model = self.ctx.model_name(req.model)
             rid = ServingContext.request_id(prefix, request.headers.get("x-request-id"), req.request_id)
             if self.ctx.log_requests:
@@ -254,7 +276,7 @@ def _add_routes(app: FastAPI, s: _App) -> None:
 
     @app.get("/health", response_class=Response)
     async def health():
-        return Response(status_code=503 if ctx.engine.errored else 200)
+        return Response(status_code=503 if ctx.engine.errored or s.draining else 200)
 
     # Two routes, not one api_route with two methods: those share an operation id in /openapi.json.
     @app.get("/ping", response_class=Response)

@@ -17,18 +17,18 @@ logger = logging.getLogger(__name__)
 # vLLM flags that take a value and change nothing here (documented as ignored in docs/api.md).
 IGNORED_VALUE_FLAGS = [
     "--tokenizer-mode", "--revision", "--code-revision", "--tokenizer-revision", "--download-dir",
-    "--load-format", "--config-format", "--max-seq-len-to-capture", "--swap-space", "--cpu-offload-gb",
+    "--config-format", "--max-seq-len-to-capture", "--swap-space", "--cpu-offload-gb",
     "--compilation-config", "--chat-template-content-format",
     "--tool-parser-plugin", "--hf-config-path", "--disable-log-stats-interval", "--max-num-partial-prefills",
-    "--scheduling-policy", "--response-role", "--hf-overrides", "--allowed-origins", "--allowed-methods",
+    "--scheduling-policy", "--response-role", "--allowed-origins", "--allowed-methods",
     "--allowed-headers", "--root-path", "--middleware", "--limit-mm-per-prompt", "--mm-processor-kwargs",
     "--override-neuron-config", "--worker-cls", "--ssl-ca-certs", "--ssl-cert-reqs", "--prefix-caching-hash-algo",
-    "--long-prefill-token-threshold", "--max-long-partial-prefills", "--cuda-graph-sizes", "--async-scheduling",
+    "--long-prefill-token-threshold", "--max-long-partial-prefills", "--async-scheduling",
     "--kv-transfer-config", "--additional-config", "--logits-processors", "--structured-outputs-config",
     "--guided-decoding-backend", "--reasoning-parser-plugin", "--api-server-count", "--max-parallel-loading-workers",
 ]
 IGNORED_SWITCHES = [
-    "--enforce-eager", "--disable-log-stats", "--disable-log-requests",
+    "--disable-log-stats", "--disable-log-requests",
     "--disable-custom-all-reduce", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details",
     "--enable-server-load-tracking", "--enable-force-include-usage", "--disable-uvicorn-access-log",
     "--disable-sliding-window", "--disable-cascade-attn", "--enable-request-id-headers",
@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.add_argument("--api-key", action="extend", nargs="+", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (repeatable; else VLLM_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds the requests in flight get to finish after the first SIGTERM / Ctrl-C (new ones get "
+                        "503 at once); then each is aborted with an error (a stream's last event). A second signal "
+                        "aborts them at once")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", default=None, help="the certificate for --ssl-keyfile")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
@@ -101,6 +105,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (e.g. glm47)")
     if args.max_logprobs < 0:
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be >= 0")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} must be in 1..65535")
     from glm5_ascend.engine.sampling_params import MAX_LOGPROBS
@@ -158,10 +164,12 @@ def main(args: argparse.Namespace) -> int:
     server = None
     try:
         app = build_app_from_args(args, engine)
-        server = uvicorn.Server(uvicorn.Config(
+        server = _server_class(uvicorn)(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
             access_log=not args.ignored_disable_uvicorn_access_log, timeout_keep_alive=5,
-            timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile))
+            # a backstop only: the app ends every request when the grace period is over
+            timeout_graceful_shutdown=args.shutdown_timeout + 10, ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile), app.state.app, args.shutdown_timeout)
         async_engine = app.state.app.ctx.engine
         if config.parallel.world_size > 1:  # a dead rank ends the server: 503 first, for the balancers
             async_engine.on_dead = lambda reason: _exit_soon(server)
@@ -177,6 +185,33 @@ def main(args: argparse.Namespace) -> int:
         print(f"glm5-ascend: error: {dead}; the server stopped", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _server_class(uvicorn):
+    """uvicorn.Server whose signals drain the app instead of waiting on (or cancelling) its streams."""
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, state, grace: float):
+            super().__init__(config)
+            self.state, self.grace, self.loop = state, grace, None
+
+        async def serve(self, sockets=None) -> None:
+            import asyncio
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            """First SIGTERM / Ctrl-C: stop accepting, give requests in flight the grace period, then end them
+            with an error; a second: end them now. Never force_exit (it skips the engine's shutdown and leaves
+            tasks to be cancelled with tracebacks). uvicorn re-raises the signals once stopped."""
+            self._captured_signals.append(sig)
+            first = not self.should_exit
+            self.should_exit = True
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.state.begin_shutdown if first else self.state.abort_all,
+                                               *((self.grace,) if first else ()))
+
+    return Server
 
 
 def _exit_soon(server, delay: float = 5.0) -> None:
