@@ -167,7 +167,8 @@ class ModelConfig:
         return cls(**kw)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+    def from_pretrained(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "ModelConfig":
+        """config.json of checkpoint `path`, with `overrides` (vLLM's --hf-overrides) applied to its fields."""
         cfg_file = Path(path) / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file}: no config.json; pass --model a GLM-5 checkpoint directory")
@@ -178,6 +179,16 @@ class ModelConfig:
         described = _msmodelslim_quantization(Path(path))
         if described is not None and raw.get("quantization_config") is None:
             raw = {**raw, "quantization_config": described}
+        if overrides:
+            unknown = sorted(set(overrides) - set(raw) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"--hf-overrides: {', '.join(unknown)} is not a field of {cfg_file} or of GLM-5's "
+                                 "configuration; check the spelling")
+            n = overrides.get("num_hidden_layers")
+            raw = {**raw, **overrides}
+            for key in ("index_topk_pattern", "mlp_layer_types", "indexer_types"):  # per-layer schedules
+                if n is not None and key in raw and key not in overrides and len(raw[key]) > n:
+                    raw[key] = raw[key][:n]  # fewer layers keep the first layers' schedule
         return cls.from_dict(raw)
 
 
@@ -233,6 +244,34 @@ class SchedulerConfig:
             raise ValueError(
                 f"--max-num-batched-tokens {self.max_num_batched_tokens} < --max-model-len {self.max_model_len} "
                 "needs chunked prefill; enable it or raise --max-num-batched-tokens")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Graph-captured decode (CUDA graphs on cuda, aclgraph on npu; docs/architecture.md).
+
+    capture_sizes: the decode batch sizes captured at start-up, ascending; a decode batch runs as the
+    graph of the next size up (padded), a larger one eagerly. Empty: everything eager. On the CPU
+    there is no graph to capture: given sizes (tests) run the same padded path eagerly.
+    """
+
+    capture_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def build(cls, enforce_eager: bool, sizes: list[int] | None, max_size: int | None, max_num_seqs: int,
+              graphs_native: bool) -> "GraphConfig":
+        if enforce_eager or (sizes is None and not graphs_native):
+            return cls()
+        if sizes is not None and any(s < 1 for s in sizes):
+            raise ValueError(f"--cuda-graph-sizes {' '.join(map(str, sizes))}: sizes must be >= 1")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"--max-cudagraph-capture-size {max_size} must be >= 1")
+        cap = min(max_num_seqs, max_size if max_size is not None else 512)
+        if sizes is None:  # vLLM's default: 1, 2, 4, then every multiple of 8
+            sizes = [1, 2, 4] + list(range(8, cap + 1, 8))
+            if cap not in sizes:
+                sizes.append(cap)
+        return cls(tuple(sorted({s for s in sizes if s <= cap})))
 
 
 @dataclass(frozen=True)
@@ -318,6 +357,8 @@ class EngineConfig:
     seed: int = 0
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out, no text (vLLM's flag)
+    load_format: str = "auto"  # auto | safetensors: the checkpoint's weights; dummy: random weights
+    graphs: GraphConfig = field(default_factory=GraphConfig)
 
     def __post_init__(self):
         self.parallel.check_model(self.model)

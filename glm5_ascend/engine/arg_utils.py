@@ -9,6 +9,7 @@ rendezvous is).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -31,8 +32,23 @@ def int_with_suffix(text: str) -> int:
     return int(value * scale)
 
 
-def _arg(default, help: str, *, flags: tuple[str, ...] = (), type=None, choices=None):  # noqa: A002
-    return field(default=default, metadata={"help": help, "flags": flags, "type": type, "choices": choices})
+def json_object(text: str) -> dict:
+    """A JSON object flag value (--hf-overrides '{"num_hidden_layers": 4}')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); give an object such as "
+                                         "'{\"num_hidden_layers\": 4}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one such as "
+                                         "'{\"num_hidden_layers\": 4}'")
+    return value
+
+
+def _arg(default, help: str, *, flags: tuple[str, ...] = (), type=None, choices=None,  # noqa: A002
+         nargs=None):
+    return field(default=default, metadata={"help": help, "flags": flags, "type": type, "choices": choices,
+                                            "nargs": nargs})
 
 
 def resolve_model(model: str | None) -> str:
@@ -68,6 +84,18 @@ class EngineArgs:
     enable_chunked_prefill: bool = _arg(True, "split long prompts over steps, mixed with decodes")
     quantization: str | None = _arg(None, "quantized checkpoints are not supported yet", flags=("-q",))
     kv_cache_dtype: str = _arg("auto", "KV-cache dtype (only auto: the model's dtype)")
+    load_format: str = _arg("auto", "auto / safetensors: the checkpoint's weights; dummy: random weights at the "
+                                    "model's real size, no checkpoint files needed (benchmarks)",
+                            choices=("auto", "safetensors", "dummy"))
+    hf_overrides: dict | None = _arg(None, "JSON object of config.json fields to override, e.g. "
+                                           "'{\"num_hidden_layers\": 4}'", type=json_object)
+    # ---- graph-captured decode ----
+    enforce_eager: bool = _arg(False, "run decode eagerly: capture no CUDA / NPU graphs")
+    cuda_graph_sizes: list[int] | None = _arg(None, "decode batch sizes to capture (default: 1 2 4 8 16 24 ... "
+                                                    "up to the capture limit)", type=int, nargs="+")
+    max_cudagraph_capture_size: int | None = _arg(None, "largest decode batch captured (default: "
+                                                        "min(--max-num-seqs, 512)); larger ones run eagerly",
+                                                  type=int)
     # ---- parallel layout ----
     tensor_parallel_size: int = _arg(1, "devices that split each layer (attention heads, MLPs, vocab)",
                                      flags=("-tp",), type=int)
@@ -108,6 +136,8 @@ class EngineArgs:
                 kw["type"] = meta["type"] or str
                 if meta["choices"]:
                     kw["choices"] = meta["choices"]
+                if meta["nargs"]:
+                    kw["nargs"] = meta["nargs"]
             parser.add_argument(*names, **kw)
 
     @classmethod
@@ -125,10 +155,12 @@ class EngineArgs:
         """The validated engine configuration of this process; errors name the flag and the fix."""
         import torch
 
-        from glm5_ascend.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+        from glm5_ascend.config import (CacheConfig, EngineConfig, GraphConfig, ModelConfig, SchedulerConfig,
+                                        parse_dtype)
+        from glm5_ascend.platform import platform_for_device
         self._check()
         model = resolve_model(self.model)
-        mcfg = ModelConfig.from_pretrained(model)
+        mcfg = ModelConfig.from_pretrained(model, self.hf_overrides)
         default = mcfg.torch_dtype()
         torch_dtype = parse_dtype(self.dtype, default) if default == torch.float32 or self.dtype != "auto" else default
         max_len = self.max_model_len if self.max_model_len is not None else mcfg.max_position_embeddings
@@ -142,7 +174,9 @@ class EngineArgs:
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.enable_chunked_prefill),
             parallel=self.parallel_config(os.environ if environ is None else environ),
             dtype=torch_dtype, device=self.device, seed=self.seed, tokenizer_path=self.tokenizer,
-            skip_tokenizer_init=self.skip_tokenizer_init)
+            skip_tokenizer_init=self.skip_tokenizer_init, load_format=self.load_format,
+            graphs=GraphConfig.build(self.enforce_eager, self.cuda_graph_sizes, self.max_cudagraph_capture_size,
+                                     self.max_num_seqs, platform_for_device(self.device).supports_graphs()))
 
     def _check(self) -> None:
         if self.quantization not in (None, "None", "none"):

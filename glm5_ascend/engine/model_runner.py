@@ -16,10 +16,12 @@ import torch
 from glm5_ascend import envs
 from glm5_ascend.config import EngineConfig
 from glm5_ascend.distributed import SINGLE, ParallelState, broadcast_object
+from glm5_ascend.engine.decode_graphs import DecodeGraphs
 from glm5_ascend.engine.sampler import Sampler, SampleResult
 from glm5_ascend.engine.scheduler import ScheduledBatch
 from glm5_ascend.engine.sequence import Sequence
 from glm5_ascend.model.glm5 import AttnMetadata, GlmMoeDsaForCausalLM, LayerCache
+from glm5_ascend.model.dummy import init_dummy_weights
 from glm5_ascend.model.loader import load_weights
 from glm5_ascend.platform import platform_for_device
 
@@ -68,8 +70,12 @@ class ModelRunner:
             self.model = GlmMoeDsaForCausalLM(
                 config.model, ps, config.dtype,
                 max_tokens_per_rank=-(-config.scheduler.max_num_batched_tokens // ps.tp_size))
-        load_weights(self.model, config.model_path, progress=ps.rank == 0 and ps.tp_size * ps.dp_size > 1)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed + ps.rank)
+        else:
+            load_weights(self.model, config.model_path, progress=ps.rank == 0 and ps.tp_size * ps.dp_size > 1)
         self.model.eval()
+        self.graphs: DecodeGraphs | None = None
         self.block_size = config.cache.block_size
         self.num_blocks = 0
         self.caches: list[LayerCache] = []
@@ -109,6 +115,14 @@ class ModelRunner:
                                   torch.zeros(*shape, m.qk_rope_head_dim, dtype=dt, device=self.device),
                                   torch.zeros(*shape, m.index_head_dim, dtype=dt, device=self.device))
                        for _ in range(m.num_hidden_layers)]
+        sizes = self.config.graphs.capture_sizes
+        if sizes and self.ps.ep_size > 1:
+            logger.info("decode graphs: off with expert parallelism (the all_to_all dispatch needs its split "
+                        "sizes on the host); decode runs eagerly")
+        elif sizes:
+            max_blocks = -(-self.config.scheduler.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.caches, self.platform, self.device, sizes, max_blocks)
+            self.graphs.capture()
 
     # ---- one step ----
     def prepare(self, batch: ScheduledBatch) -> StepInput:
@@ -156,6 +170,14 @@ class ModelRunner:
         sample = self.model.compute_logits(hidden[step.logit_rows]) if step.logit_rows else None
         return sample, [self.model.compute_logits(hidden[a:b]) for a, b in step.prompt_ranges]
 
+    def _compute(self, step: StepInput):
+        """(sampled rows' logits, prompt-logprob logits, index_ties or None): a captured decode graph
+        where the step is a pure decode that fits one, else the eager forward."""
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step), [], None
+        hidden, meta = self._forward(step)
+        return *self._logits(step, hidden), meta.index_ties
+
     def _share(self, step) -> None:
         """Leader: hand this step (a StepInput, _IDLE or _STOP) to the TP peers."""
         if self.ps.tp_size > 1:
@@ -172,8 +194,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        hidden, step = self.run(batch)
-        logits, prompt_logits = self._logits(step, hidden)
+        step = self.prepare(batch)
+        self._share(step)
+        logits, prompt_logits, ties = self._compute(step)
+        if ties is not None:
+            self._limit_prefix_cache(batch, ties, step.cu_seqlens)
         sampled = [seq for seq, n in zip(batch.seqs, batch.num_tokens) if seq.num_computed_tokens + n == seq.num_tokens]
         with_lp = [seq for seq in batch.seqs
                    if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1]
@@ -200,8 +225,7 @@ class ModelRunner:
             if step == _IDLE:
                 self.model.idle_forward()
                 continue
-            hidden, _ = self._forward(step)
-            self._logits(step, hidden)
+            self._compute(step)
 
     def _limit_prefix_cache(self, batch: ScheduledBatch, ties: torch.Tensor, cu: list[int]) -> None:
         """Keep blocks whose keys depend on the prompt's length out of the prefix cache.

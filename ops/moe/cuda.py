@@ -249,8 +249,12 @@ def moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts).to(torch.int32)
     order = torch.argsort(key, stable=True)
     per_key = torch.bincount(key, minlength=num_experts + 1)  # int64, as the reference's counts
-    n = T * topk - int(per_key[num_experts])  # the host sync
-    order = order[:n]
+    if torch.cuda.is_current_stream_capturing():  # a decode graph: no host sync, padded result (ops/__init__)
+        n = T * topk
+        order = torch.where(key[order] < num_experts, order, -1)  # dropped copies sort last: padding rows
+    else:
+        n = T * topk - int(per_key[num_experts])  # the host sync
+        order = order[:n]
     out = torch.empty((n, D), dtype=hidden.dtype, device=hidden.device)
     if n and D:
         hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()

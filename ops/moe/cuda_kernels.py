@@ -275,11 +275,12 @@ def route_kernel(logit_ptr, bias_ptr, w_ptr, id_ptr, E, s_l, scale, TOP_K: tl.co
 
 @triton.jit
 def permute_kernel(src_ptr, order_ptr, out_ptr, d, s_src, s_o, TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[i] = src[order[i] // TOPK]: each expert row is a copy of its token's row."""
+    """out[i] = src[order[i] // TOPK]: each expert row is a copy of its token's row (order -1: padding)."""
     i = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < d
-    t = tl.load(order_ptr + i) // TOPK
+    o = tl.load(order_ptr + i)
+    t = tl.maximum(o, 0) // TOPK  # padding rows (order -1) copy token 0's row; their results are dropped
     tl.store(out_ptr + i * s_o + offs, tl.load(src_ptr + t * s_src + offs, mask=m), mask=m)
 
 
