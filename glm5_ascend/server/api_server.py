@@ -217,7 +217,8 @@ def build_app_from_args(args: argparse.Namespace, engine) -> FastAPI:
         tool_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {})
     ctx_holder.append(ctx)
     return build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
 

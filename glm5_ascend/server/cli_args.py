@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override-generation-config", type=_json_dict, default=None,
                    help='JSON object of sampling defaults over the generation config, e.g. {"temperature": 0.6}')
     p.add_argument("--chat-template", default=None, help="a .jinja file or the template text")
+    p.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None,
+                   help='JSON object passed to the chat template for every request, under the request\'s own '
+                        'chat_template_kwargs, e.g. \'{"enable_thinking": false}\' (thinking off by default)')
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests pass their own chat_template (else 400)")
     p.add_argument("--tool-call-parser", default=None, help="glm47 (or glm45)")

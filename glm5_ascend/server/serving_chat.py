@@ -159,7 +159,7 @@ class ChatServing:
         return ctx.tool_parser or DEFAULT_TOOL_PARSER
 
     def _parser(self, req: ChatCompletionRequest, prep: _Prepared) -> ChoiceParser:
-        return ChoiceParser(self.ctx.reasoning_parser, prep.tool_parser, req.tools, req.chat_template_kwargs)
+        return ChoiceParser(self.ctx.reasoning_parser, prep.tool_parser, req.tools, self.ctx.chat_template_kwargs(req))
 
     @staticmethod
     def _finish_reason(req: ChatCompletionRequest, reason: str | None, called: bool, streaming: bool) -> str | None:

@@ -43,6 +43,7 @@ class ServingContext:
     trust_request_chat_template: bool = False
     log_requests: bool = False
     return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the default per request
+    default_chat_template_kwargs: dict = field(default_factory=dict)  # --default-chat-template-kwargs
     created: int = field(default_factory=lambda: int(time.time()))
     tokenize_seconds: float = 0.0  # chat templates + tokenization, for `bench serve`'s time breakdown
     _token_text: dict = field(default_factory=dict)
@@ -115,6 +116,10 @@ class ServingContext:
                              param="max_tokens")
         return budget
 
+    def chat_template_kwargs(self, req) -> dict:
+        """The server's --default-chat-template-kwargs, with the request's own on top (vLLM's merge)."""
+        return {**self.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
+
     def render_chat(self, req) -> str:
         """The prompt text of a chat (or chat /tokenize) request."""
         template = self.chat_template
@@ -125,7 +130,7 @@ class ServingContext:
             template = req.chat_template
         t0 = time.perf_counter()
         text = render_chat(self.tokenizer, template, req.messages, req.tools, bool(req.add_generation_prompt),
-                           bool(req.continue_final_message), req.chat_template_kwargs, req.documents)
+                           bool(req.continue_final_message), self.chat_template_kwargs(req), req.documents)
         self.tokenize_seconds += time.perf_counter() - t0
         return text
 

@@ -53,3 +53,31 @@ def test_every_flag_has_help_and_help_shows_defaults(command):
     flat = " ".join(text.split())
     for needle in expected:
         assert " ".join(needle.split()) in flat, f"{needle!r} not in `{command} --help`"
+
+
+@pytest.fixture(scope="module")
+def thinking_off_server(tiny_model_dir, tmp_path_factory):
+    from tests.server.conftest import start_server
+    srv = start_server(["--reasoning-parser", "glm45", "--default-chat-template-kwargs",
+                        '{"enable_thinking": false}', "--uvicorn-log-level", "warning"], tmp_path_factory)
+    yield srv
+    srv.stop()
+
+
+def test_thinking_off_server_wide_and_back_on_per_request(thinking_off_server):
+    import httpx
+    msgs = [{"role": "user", "content": "Hi"}]
+    with httpx.Client(base_url=thinking_off_server.url, timeout=120) as c:
+        def prompt_end(**extra):
+            ids = c.post("/tokenize", json={"messages": msgs, **extra}).json()["tokens"]
+            return c.post("/detokenize", json={"tokens": ids}).json()["prompt"][-len("<|assistant|></think>"):]
+        assert prompt_end() == "<|assistant|></think>"  # the server's default: no thinking
+        assert prompt_end(chat_template_kwargs={"enable_thinking": True}).endswith("<|assistant|><think>")
+
+        def answer(**extra):
+            body = {"messages": msgs, "max_tokens": 12, "temperature": 0, "ignore_eos": True, **extra}
+            return c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        off = answer()
+        assert off["content"] and off.get("reasoning") is None  # everything is the answer
+        on = answer(chat_template_kwargs={"enable_thinking": True})
+        assert on["reasoning"] and not on["content"]  # no </think> in 12 random tokens: all of it is reasoning
