@@ -56,6 +56,17 @@ def cpu_kv_cache_gib() -> float:
     return float(_str("GLM5_CPU_KV_CACHE_GIB", "1"))
 
 
+def cpu_threads() -> int | None:
+    """GLM5_CPU_THREADS: intra-op threads of each CPU rank (unset: chosen by model size, platform.cpu_threads;
+    OMP_NUM_THREADS, if set, is respected the same way)."""
+    value = _str("GLM5_CPU_THREADS")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GLM5_CPU_THREADS={value!r} must be a whole number >= 1")
+    return int(value)
+
+
 def api_keys() -> list[str]:
     """VLLM_API_KEY / GLM5_API_KEY: API keys accepted by the server, comma separated."""
     keys = []

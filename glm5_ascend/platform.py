@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,25 @@ class Platform:
     def capture(self, graph, pool):
         """Context manager capturing this stream's work into `graph` (torch.cuda.graph / torch.npu.graph)."""
         return self.module().graph(graph, pool=pool)
+
+
+# Below this hidden size a CPU rank runs fastest on one intra-op thread: its matmuls are too small to
+# repay waking more threads every op (docs/benchmarks.md, "CPU threads"; measured with `bench serve`).
+CPU_ONE_THREAD_BELOW_HIDDEN = 1024
+
+
+def cpu_threads(hidden_size: int | None = None, local_ranks: int = 1) -> int:
+    """Intra-op threads for one CPU rank: GLM5_CPU_THREADS, else OMP_NUM_THREADS, else 1 for a model with
+    hidden_size below CPU_ONE_THREAD_BELOW_HIDDEN, else this node's cores shared between its ranks."""
+    forced = envs.cpu_threads()
+    if forced is not None:
+        return forced
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    if hidden_size is not None and hidden_size < CPU_ONE_THREAD_BELOW_HIDDEN:
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
 
 def _host_memory() -> tuple[int, int]:

@@ -356,9 +356,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _pin_threads(platform: str, local_ranks: int) -> None:
-    """On the CPU, share the cores between this node's ranks (unless OMP_NUM_THREADS says otherwise)."""
-    if platform == "cpu" and local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    """On the CPU, share the cores between this node's ranks (GLM5_CPU_THREADS or OMP_NUM_THREADS, if set,
+    give each rank's count instead; platform.cpu_threads)."""
+    if platform == "cpu" and local_ranks > 1:
+        from glm5_ascend.platform import cpu_threads
+        torch.set_num_threads(cpu_threads(local_ranks=local_ranks))
 
 
 def _ranges(ranks: list[int]) -> str:

@@ -20,6 +20,7 @@ def start_engine(config: EngineConfig, tokenizer=None):
     from glm5_ascend.engine.llm_engine import LLMEngine
     pc = config.parallel
     if pc.world_size == 1:
+        _cpu_threads(config)
         return LLMEngine(config, tokenizer)
     if pc.first_rank != 0:
         raise ValueError("this process does not host rank 0; run it with --headless (workers only)")
@@ -35,6 +36,19 @@ def start_engine(config: EngineConfig, tokenizer=None):
     except BaseException:
         cluster.shutdown()
         raise
+
+
+def _cpu_threads(config: EngineConfig) -> None:
+    """One process on the CPU: intra-op threads by model size (GLM5_CPU_THREADS / OMP_NUM_THREADS override)."""
+    import torch
+
+    from glm5_ascend.platform import cpu_threads, platform_for_device
+    if platform_for_device(config.device).name == "cpu":
+        n = cpu_threads(config.model.hidden_size)
+        if n != torch.get_num_threads():
+            logger.info("CPU: %d intra-op thread(s) for hidden_size %d (GLM5_CPU_THREADS overrides)", n,
+                        config.model.hidden_size)
+            torch.set_num_threads(n)
 
 
 def run_rank(cluster: Cluster) -> None:
