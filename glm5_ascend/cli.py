@@ -12,6 +12,8 @@ _COMMANDS = {
     "serve": ("glm5_ascend.server.cli_args", "serve the OpenAI-compatible HTTP API (like `vllm serve`)"),
     "generate": ("glm5_ascend.generate_cmd", "print a completion of --prompt"),
     "make-tiny": ("glm5_ascend.model.tiny_cmd", "write the built-in tiny GLM-5 checkpoint to a directory"),
+    "convert": ("glm5_ascend.model.convert_cmd", "rewrite a checkpoint as bf16, w8a8 (msmodelslim layout) or fp8, "
+                                                 "streaming and resumable"),
     "plan": ("glm5_ascend.launcher.plan", "whether a device layout fits the model, and a decode speed bound"),
     "launch": ("glm5_ascend.launcher.launch", "start this node's part of a cluster description (or --dry-run: print "
                                               "every node's environment, rank table and serve command)"),

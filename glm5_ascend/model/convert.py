@@ -17,7 +17,6 @@ looks like a complete checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -268,21 +267,3 @@ def _finish(src: Path, dst: Path, to: str, shards, names, cfg: ModelConfig, list
     if to == "fp8":
         raw["quantization_config"] = dict(FP8_CONFIG)
     _atomic_write(dst / "config.json", json.dumps(raw, indent=2) + "\n")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source checkpoint directory (BF16, FP8 or msmodelslim W8A8)")
-    p.add_argument("dst", help="output directory (new or empty; an interrupted run's directory resumes)")
-    p.add_argument("--to", required=True, choices=("bf16", "w8a8", "fp8"), help="target format")
-    p.add_argument("--keep", default=None,
-                   help="comma-separated module-name patterns kept in high precision (fnmatch); default: "
-                        + ",".join(quant.DEFAULT_KEEP))
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    keep = tuple(k for k in args.keep.split(",") if k) if args.keep is not None else quant.DEFAULT_KEEP
-    out = convert(args.src, args.dst, args.to, keep, parse_size(args.max_shard_size), not args.no_progress)
-    print(f"wrote {out} ({args.to})")
-    return 0
