@@ -174,3 +174,19 @@ def ep_combine(expert_out, handle):
     """
     module = _load(_FAMILY["ep_combine"], handle.backend, "ep_combine")
     return module.ep_combine(expert_out, handle)
+
+
+# ---- W8A8 (ops/quant): int8 weights with per-row scales, activations quantized per token ----
+_FAMILY.update({"w8a8_linear": "quant", "grouped_mlp_w8a8": "quant"})
+
+
+def w8a8_linear(x, weight, weight_scale):
+    """x [..., K] float16/bfloat16/float32, weight int8 [N, K], weight_scale float32 [N] -> [..., N] in x's dtype;
+    see ops/quant/reference.py."""
+    return _call("w8a8_linear", x, weight, weight_scale)
+
+
+def grouped_mlp_w8a8(x, counts, w13, w13_scale, w2, w2_scale):
+    """grouped_mlp with int8 experts: w13 [E, 2I, D] + w13_scale f32 [E, 2I], w2 [E, D, I] + w2_scale f32 [E, D];
+    rows past sum(counts) unspecified (reference: exactly sum(counts) rows); see ops/quant/reference.py."""
+    return _call("grouped_mlp_w8a8", x, counts, w13, w13_scale, w2, w2_scale)

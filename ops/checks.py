@@ -307,3 +307,48 @@ def ep_dispatch(hidden, expert_ids, weights, num_experts, ep_group, mc2_group=No
         _fail(op, "mc2_group must be a communicator of its own (MC2's docs allow no other collective on it), "
                   "not ep_group")
     _one_device(op, "hidden", {"hidden": hidden, "expert_ids": expert_ids, "weights": weights})
+
+
+def _w8a8_weight(op: str, name: str, w: torch.Tensor, scale_name: str, scale: torch.Tensor, dims: int) -> None:
+    _tensor(op, name, w)
+    _tensor(op, scale_name, scale)
+    if w.dtype != torch.int8 or w.dim() != dims:
+        _fail(op, f"{name} must be an int8 {dims}-D tensor, got {w.dtype} {list(w.shape)}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != tuple(w.shape[:-1]):
+        _fail(op, f"{scale_name} must be float32 {list(w.shape[:-1])} (one per output row), got {scale.dtype} "
+                  f"{list(scale.shape)}")
+
+
+def w8a8_linear(x, weight, weight_scale) -> None:
+    op = "w8a8_linear"
+    _tensor(op, "x", x)
+    _w8a8_weight(op, "weight", weight, "weight_scale", weight_scale, 2)
+    _floating(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        _fail(op, f"x must be [..., K={weight.shape[1]}], got {list(x.shape)}")
+    _one_device(op, "x", {"x": x, "weight": weight, "weight_scale": weight_scale})
+
+
+def grouped_mlp_w8a8(x, counts, w13, w13_scale, w2, w2_scale) -> None:
+    op = "grouped_mlp_w8a8"
+    _tensor(op, "x", x)
+    _tensor(op, "counts", counts)
+    _w8a8_weight(op, "w13", w13, "w13_scale", w13_scale, 3)
+    _w8a8_weight(op, "w2", w2, "w2_scale", w2_scale, 3)
+    if x.dim() != 2:
+        _fail(op, f"x must be [N, D], got {list(x.shape)}")
+    N, D = x.shape
+    E, two_i, d = w13.shape
+    if d != D or two_i % 2:
+        _fail(op, f"w13 must be [E, 2I, D={D}] (gate rows, then up rows), got {list(w13.shape)}")
+    if tuple(w2.shape) != (E, D, two_i // 2):
+        _fail(op, f"w2 must be [E={E}, D={D}, I={two_i // 2}] to match w13, got {list(w2.shape)}")
+    _shape(op, "counts", counts, ("E", E))
+    _index(op, "counts", counts)
+    _floating(op, "x", x)
+    _one_device(op, "x", {"x": x, "counts": counts, "w13": w13, "w13_scale": w13_scale, "w2": w2,
+                          "w2_scale": w2_scale})
+    if check_values():
+        c = counts.detach().long().cpu()
+        if bool((c < 0).any()) or int(c.sum()) > N:
+            _fail(op, f"counts must be >= 0 and sum to at most x's {N} rows, got sum {int(c.sum())}")

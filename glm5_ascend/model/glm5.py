@@ -7,6 +7,7 @@ so its cost per token is O(index_topk), not O(context). All operators go through
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -200,6 +201,10 @@ class Experts(nn.Module):
         else:
             self.w2_weight.data.copy_(loaded[experts, :, lo:lo + n])
 
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by local expert, counts [E_local] -> SwiGLU expert outputs (ops.grouped_mlp)."""
+        return ops.grouped_mlp(x, counts, self.w13_weight, self.w2_weight)
+
     def prepare_weights(self) -> None:
         """Once loaded: keep the weights in the layout grouped_mlp's backend reads fastest
         (ops.prepare_expert_weights; the cuda backend packs them in tiles). No more loading after."""
@@ -241,8 +246,7 @@ class MoE(nn.Module):
         weights, ids = self._route(mine)
         recv, counts, handle = ops.ep_dispatch(mine, ids, weights, self.cfg.n_routed_experts, self.ps.ep_group,
                                                self.ps.mc2_group, self.max_tokens_per_rank)
-        out = ops.ep_combine(ops.grouped_mlp(recv, counts, self.experts.w13_weight, self.experts.w2_weight),
-                             handle)
+        out = ops.ep_combine(self.experts(recv, counts), handle)
         if self.ps.tp_size == 1:
             return out
         routed = x.new_zeros(x.shape)
@@ -255,8 +259,7 @@ class MoE(nn.Module):
         else:
             weights, ids = self._route(x)
             permuted, order, counts = ops.moe_permute(x, ids, self.experts.n_local)
-            routed = ops.moe_unpermute(ops.grouped_mlp(permuted, counts, self.experts.w13_weight,
-                                                       self.experts.w2_weight), order, weights)
+            routed = ops.moe_unpermute(self.experts(permuted, counts), order, weights)
         return tp_all_reduce(routed + self.shared_experts(x), self.ps)
 
 
@@ -304,6 +307,12 @@ def _with_full_indexer(cfg: ModelConfig) -> ModelConfig:
                                indexer_types=cfg.indexer_types + ("full",))
 
 
+def make_rotary(cfg: ModelConfig) -> InterleavedRope:
+    hf_fields = dict(qk_rope_head_dim=cfg.qk_rope_head_dim, hidden_size=cfg.hidden_size,
+                     num_attention_heads=cfg.num_attention_heads)
+    return InterleavedRope(cfg.qk_rope_head_dim, cfg.rope_parameters, cfg.max_position_embeddings, hf_fields)
+
+
 class GlmModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, dtype: torch.dtype, max_tokens_per_rank: int | None = None):
         super().__init__()
@@ -313,9 +322,7 @@ class GlmModel(nn.Module):
         layers += [MTPLayer(cfg, ps, dtype, max_tokens_per_rank) for _ in range(min(cfg.num_nextn_predict_layers, 1))]
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        hf_fields = dict(qk_rope_head_dim=cfg.qk_rope_head_dim, hidden_size=cfg.hidden_size,
-                         num_attention_heads=cfg.num_attention_heads)
-        self.rotary = InterleavedRope(cfg.qk_rope_head_dim, cfg.rope_parameters, cfg.max_position_embeddings, hf_fields)
+        self.rotary = make_rotary(cfg)
 
     def forward(self, ids, positions, caches: list[LayerCache], meta: AttnMetadata) -> torch.Tensor:
         x = self.embed_tokens(ids)
@@ -337,8 +344,20 @@ class GlmMoeDsaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             raise ValueError("config.json: tie_word_embeddings=true; GLM-5 has an untied lm_head")
         self.cfg, self.ps, self.dtype = cfg, ps, dtype
-        self.model = GlmModel(cfg, ps, dtype, max_tokens_per_rank)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ps, dtype)
+        qc = cfg.quantization_config or {}
+        w8a8 = qc.get("quant_method") == "msmodelslim"
+        device = torch.get_default_device()
+        # W8A8: built on the meta device, then its linears swapped for int8 ones, then allocated, so the
+        # high-precision weights they replace never take memory (model/quant_layers.py).
+        with torch.device("meta") if w8a8 else contextlib.nullcontext():
+            self.model = GlmModel(cfg, ps, dtype, max_tokens_per_rank)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ps, dtype)
+        if w8a8:
+            from glm5_ascend.model.quant_layers import materialize, quantize_model
+            quantize_model(self, set(qc.get("float_modules", ())))
+            materialize(self, device)
+            with torch.device(device):
+                self.model.rotary = make_rotary(cfg)
 
     @property
     def mtp(self) -> MTPLayer | None:

@@ -67,10 +67,11 @@ def check_call(sig: inspect.Signature, call: ast.Call) -> list[str]:
 
 
 def test_npu_modules_exist_and_call_torch_npu():
-    assert {p.parent.name for p in NPU_FILES} == {"dsa", "moe"}
+    assert {p.parent.name for p in NPU_FILES} == {"dsa", "moe", "quant"}
     assert called_ops() >= {"npu_lightning_indexer", "npu_sparse_flash_attention", "npu_moe_gating_top_k",
                             "npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu", "npu_moe_token_unpermute",
-                            "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2"}
+                            "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2",
+                            "npu_dynamic_quant", "npu_quant_matmul"}
 
 
 @pytest.mark.parametrize("path", NPU_FILES, ids=lambda p: f"{p.parent.name}/npu.py")
@@ -99,7 +100,10 @@ def test_emulator_signature_is_official(contract, name):
     ours = inspect.signature(getattr(emulator, name))
     assert str(ours) == str(official_sig), f"{name}\n emulator: {ours}\n official: {official_sig}"
     # The meta kernel must agree on the names (it omits some '*' markers, which the schema has).
-    assert contract.meta_params[name] == list(official_sig.parameters) or name == "npu_swiglu", \
+    # npu_dynamic_quant's meta kernel calls its first argument input_dummy (the schema: input); the
+    # backend passes it positionally.
+    assert contract.meta_params[name] == list(official_sig.parameters) or name in ("npu_swiglu",
+                                                                                  "npu_dynamic_quant"), \
         f"{name}: meta kernel parameters {contract.meta_params[name]} differ from the schema"
 
 

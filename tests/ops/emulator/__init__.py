@@ -27,16 +27,18 @@ from .dsa import (npu_interleave_rope, npu_lightning_indexer, npu_scatter_nd_upd
 from .mc2 import comm_name, npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2, register_group
 from .moe import (npu_grouped_matmul, npu_moe_gating_top_k, npu_moe_init_routing_v2, npu_moe_token_unpermute,
                   npu_swiglu)
+from .quant import npu_dynamic_quant, npu_quant_matmul
 
 OPS = (
     "npu_interleave_rope", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_scatter_pa_kv_cache",
     "npu_scatter_nd_update_",
     "npu_moe_gating_top_k", "npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
     "npu_moe_token_unpermute", "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2",
+    "npu_dynamic_quant", "npu_quant_matmul",
 )
 EMULATED = True
 # Modules that `import torch_npu` at their top; dropped on install/uninstall so they bind the right one.
-_NPU_MODULES = ("glm5_ascend.ops.dsa.npu", "glm5_ascend.ops.moe.npu")
+_NPU_MODULES = ("glm5_ascend.ops.dsa.npu", "glm5_ascend.ops.moe.npu", "glm5_ascend.ops.quant.npu")
 
 __all__ = list(OPS) + ["register_group", "comm_name", "installed", "real_torch_npu_present", "capturable",
                        "HostSync", "profiles", "use_profile"]

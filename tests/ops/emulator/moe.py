@@ -112,15 +112,26 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
                        tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
                        per_token_scale_dtype=None):
-    """Single x [M, K], single weight [E, K, N], group_type=0 (M split by group_list) -> [y [M, N]]."""
+    """Single x [M, K], single weight [E, K, N], group_type=0 (M split by group_list) -> [y [M, N]].
+
+    Two forms: float (no quantisation), and per-token quantised ([gmm] 公式3 y = x @ w * scale * pertokenscale;
+    the group_list-Tensor table's per-token row: x int8, weight int8, scale bfloat16/float32, per_token_scale
+    float32, output_dtype bfloat16/float16). The docs give scale's shape only as "1维" per tensor; for one
+    weight tensor of E groups it is [E, N] here, as antiquant_scale's documented single-tensor shape [g, n]
+    and vllm-ascend's W8A8_DYNAMIC MoE call pass it; per_token_scale is [M].
+    """
     op = "npu_grouped_matmul"
     limit(len(x) == 1 and len(weight) == 1 and group_type == 0 and split_item in (2, 3), op,
           "the single-tensor form: x=[x], weight=[w], group_type=0, split_item 2/3")
-    extras = (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale, activation_input,
-              activation_quant_scale, activation_quant_offset, tuning_config, output_dtype, x_dtype, weight_dtype,
-              scale_dtype, per_token_scale_dtype)
-    limit(all(e is None for e in extras) and act_type == 0, op, "no bias, quantisation or activation")
+    quantised = scale is not None or per_token_scale is not None
+    extras = (bias, offset, antiquant_scale, antiquant_offset, activation_input,
+              activation_quant_scale, activation_quant_offset, tuning_config, x_dtype, weight_dtype,
+              scale_dtype, per_token_scale_dtype) + (() if quantised else (output_dtype,))
+    limit(all(e is None for e in extras) and act_type == 0, op, "no bias, offsets, antiquant or activation")
     a, w = x[0], weight[0]
+    if quantised:
+        return _grouped_matmul_per_token(op, a, w, scale, per_token_scale, group_list, group_list_type,
+                                         output_dtype)
     require(a.dim() == 2 and w.dim() == 3 and w.shape[1] == a.shape[1], op, "x [M, K] and weight [E, K, N] disagree")
     # [gmm] "内轴限制InnerLimit为65536. x和weight中每一组tensor的最后一维大小都应小于InnerLimit. xi的最后一维指当x不转置时
     # xi的K轴 ... weighti的最后一维指当weight不转置时weighti的N轴或当weight转置时weighti的K轴"
@@ -150,6 +161,44 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     start = 0
     for g, end in enumerate(ends.tolist()):
         out[start:end] = a[start:end] @ w[g]
+        start = end
+    return [out]
+
+
+def _group_ends(op, group_list, group_list_type, E, M):
+    require(isinstance(group_list, torch.Tensor) and group_list.dtype == torch.int64
+            and group_list.shape == (E,), op, "group_list must be int64 [E]")
+    require(group_list_type in (0, 1), op, "group_list_type is 0 (cumsum) or 1 (counts)")
+    if group_list_type == 0:
+        ends = group_list
+        require(bool((ends >= 0).all()) and bool((ends[1:] >= ends[:-1]).all()) and int(ends[-1]) <= M, op,
+                "a cumsum group_list must be non-negative, non-decreasing and end at most at M")
+        return ends
+    require(group_list.numel() > 1, op, "a count group_list must not have length 1")
+    require(bool((group_list >= 0).all()) and int(group_list.sum()) <= M, op,
+            "counts must be non-negative and sum to at most M")
+    return group_list.cumsum(0)
+
+
+def _grouped_matmul_per_token(op, a, w, scale, per_token_scale, group_list, group_list_type, output_dtype):
+    require(a.dtype == torch.int8 and w.dtype == torch.int8, op, "per-token quantisation: x and weight int8")
+    require(a.dim() == 2 and w.dim() == 3 and w.shape[1] == a.shape[1], op, "x [M, K] and weight [E, K, N] disagree")
+    E, N, M = w.shape[0], w.shape[2], a.shape[0]
+    require(scale is not None and len(scale) == 1 and scale[0].shape == (E, N)
+            and scale[0].dtype in (torch.float32, torch.bfloat16), op, f"scale must be [tensor [E={E}, N={N}] "
+            "float32 / bfloat16]")
+    require(per_token_scale is not None and len(per_token_scale) == 1 and per_token_scale[0].shape == (M,)
+            and per_token_scale[0].dtype == torch.float32, op, f"per_token_scale must be [tensor float32 [M={M}]]")
+    require(output_dtype in (torch.bfloat16, torch.float16), op, "per-token quantisation: output_dtype is "
+            "bfloat16 or float16")
+    require(a.shape[1] < INNER_LIMIT and N < INNER_LIMIT, op, f"the last dims must be below {INNER_LIMIT}")
+    require(E <= 1024, op, "at most 1024 groups")
+    ends = _group_ends(op, group_list, group_list_type, E, M)
+    out = undefined_like((M, N), output_dtype, a.device)
+    start, pts = 0, per_token_scale[0]
+    for g, end in enumerate(ends.tolist()):
+        acc = a[start:end].to(torch.int64) @ w[g].to(torch.int64)
+        out[start:end] = (acc.float() * scale[0][g].float()[None, :] * pts[start:end, None]).to(output_dtype)
         start = end
     return [out]
 
