@@ -59,6 +59,10 @@ def resolve_model(model: str | None) -> str:
     return str(default_model_path())
 
 
+# --quantization values (vLLM's / vllm-ascend's names) -> the checkpoint format they declare
+_QUANTIZATION = {"fp8": "fp8", "ascend": "msmodelslim", "w8a8": "msmodelslim"}
+
+
 @dataclass(kw_only=True)
 class EngineArgs:
     """Engine arguments; names, defaults and meanings as in vLLM's EngineArgs."""
@@ -82,7 +86,9 @@ class EngineArgs:
                                                type=int)
     enable_prefix_caching: bool = _arg(True, "reuse cached KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = _arg(True, "split long prompts over steps, mixed with decodes")
-    quantization: str | None = _arg(None, "quantized checkpoints are not supported yet", flags=("-q",))
+    quantization: str | None = _arg(None, "the checkpoint's format, detected when left out: fp8 (GLM-5-FP8) or "
+                                          "ascend / w8a8 (msmodelslim W8A8_DYNAMIC); given, it must match",
+                                    flags=("-q",))
     kv_cache_dtype: str = _arg("auto", "KV-cache dtype (only auto: the model's dtype)")
     load_format: str = _arg("auto", "auto / safetensors: the checkpoint's weights; dummy: random weights at the "
                                     "model's real size, no checkpoint files needed (benchmarks)",
@@ -161,6 +167,7 @@ class EngineArgs:
         self._check()
         model = resolve_model(self.model)
         mcfg = ModelConfig.from_pretrained(model, self.hf_overrides)
+        self._check_quantization(model, mcfg)
         default = mcfg.torch_dtype()
         torch_dtype = parse_dtype(self.dtype, default) if default == torch.float32 or self.dtype != "auto" else default
         max_len = self.max_model_len if self.max_model_len is not None else mcfg.max_position_embeddings
@@ -179,8 +186,9 @@ class EngineArgs:
                                      self.max_num_seqs, platform_for_device(self.device).supports_graphs()))
 
     def _check(self) -> None:
-        if self.quantization not in (None, "None", "none"):
-            raise ValueError(f"--quantization {self.quantization} is not supported; serve the BF16 checkpoint")
+        if self.quantization not in (None, "None", "none") + tuple(_QUANTIZATION):
+            raise ValueError(f"--quantization {self.quantization} is not supported; use fp8 or ascend (w8a8), or "
+                             "leave it out: the checkpoint's format is detected")
         if self.kv_cache_dtype != "auto":
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; drop it (auto)")
         if not re.fullmatch(r"(auto|cpu|cuda|npu)(:\d+)?", self.device):
@@ -189,6 +197,13 @@ class EngineArgs:
             raise ValueError(f"--pipeline-parallel-size {self.pipeline_parallel_size}: pipeline parallelism is not "
                              "supported; use --tensor-parallel-size / --data-parallel-size (with "
                              "--enable-expert-parallel) to span more devices")
+
+    def _check_quantization(self, model: str, mcfg) -> None:
+        want = _QUANTIZATION.get(self.quantization)
+        have = (mcfg.quantization_config or {}).get("quant_method")
+        if want is not None and have != want:
+            raise ValueError(f"--quantization {self.quantization}: {model} is {have or 'not quantized'}, not {want}; "
+                             "drop --quantization (the format is detected) or `glm5-ascend convert` the checkpoint")
 
     def parallel_config(self, environ) -> ParallelConfig:
         """Which ranks this process hosts, from the flags (or torchrun's environment)."""
