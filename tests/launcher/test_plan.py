@@ -65,6 +65,23 @@ def test_weight_bytes_per_rank_equal_the_engines_shard(glm5, devices, tp, ep):
     assert r["weight_bytes_per_rank"] == _bytes(_meta_model(glm5, devices, tp, ep))
 
 
+@pytest.mark.parametrize("devices,tp,ep", [(16, 16, True), (8, 8, False)])
+def test_w8a8_bytes_per_rank_equal_the_engines_w8a8_model(glm5, devices, tp, ep):
+    """As a checkpoint converted with the default --keep describes it: those linears FLOAT, the rest int8."""
+    import dataclasses
+
+    from glm5_ascend.model.layers import ReplicatedLinear
+    from glm5_ascend.model.quant import DEFAULT_KEEP, keep_high_precision
+    float_model = _meta_model(glm5, devices, tp, ep)
+    kept = sorted(n for n, m in float_model.named_modules()
+                  if isinstance(m, ReplicatedLinear) and keep_high_precision(n, DEFAULT_KEEP))
+    qcfg = dataclasses.replace(glm5, quantization_config={"quant_method": "msmodelslim",
+                                                          "model_quant_type": "W8A8_DYNAMIC", "float_modules": kept})
+    model = _meta_model(qcfg, devices, tp, ep)
+    assert any(p.dtype == torch.int8 for p in model.parameters())
+    assert plan(glm5, Layout(devices, tp, ep), A3, "w8a8")["weight_bytes_per_rank"] == _bytes(model)
+
+
 def _kv_tokens(cfg, weight_bytes, margins, util=0.9, hbm_gib=64):
     per_token = cfg.num_hidden_layers * (512 + 64 + 128) * 2  # latent + rope key + index key, bf16
     assert per_token == 78 * 704 * 2
