@@ -249,7 +249,7 @@ def moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts).to(torch.int32)
     order = torch.argsort(key, stable=True)
     per_key = torch.bincount(key, minlength=num_experts + 1)  # int64, as the reference's counts
-    if torch.cuda.is_current_stream_capturing():  # a decode graph: no host sync, padded result (ops/__init__)
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # a decode graph: no host sync, padded result (ops/__init__)
         n = T * topk
         order = torch.where(key[order] < num_experts, order, -1)  # dropped copies sort last: padding rows
     else:
