@@ -108,10 +108,12 @@ def smallest_fitting(c: ModelConfig, L: Layout, device: dict, quant: str, per_no
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory or config.json (default: the built-in tiny model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or config.json (default: the built-in tiny model)")
     p.add_argument("--device", choices=sorted(DEVICES), default="atlas-a2",
                    help="per-device facts; atlas-a3 is one 910C die (64 GB), the device unit of an A3 node")
-    p.add_argument("--devices", type=int, default=None, help="devices in all (default: --nodes x --devices-per-node, or 1)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices in all (default: --nodes x --devices-per-node, or 1)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (with --devices-per-node)")
     p.add_argument("--devices-per-node", type=int, default=None, help="default: the device's node size (A2 8, A3 16)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,

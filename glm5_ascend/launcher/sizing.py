@@ -115,7 +115,8 @@ def _linear(n: int, k: int, role: str, quant: str) -> int:
 def _layer_bytes(c: ModelConfig, L: Layout, quant: str, moe: bool, full_indexer: bool) -> dict[str, int]:
     t, h, d = L.tp, c.num_attention_heads, c.hidden_size
     heads = h // t
-    out = {"attention": (_linear(c.q_lora_rank, d, "q_a", quant) + _linear(heads * c.qk_head_dim, c.q_lora_rank, "q_b", quant)
+    out = {"attention": (_linear(c.q_lora_rank, d, "q_a", quant)
+                         + _linear(heads * c.qk_head_dim, c.q_lora_rank, "q_b", quant)
                          + _linear(c.kv_lora_rank + c.qk_rope_head_dim, d, "kv_a", quant)
                          + _linear(heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "kv_b_proj", quant)
                          + _linear(d, heads * c.v_head_dim, "o", quant)

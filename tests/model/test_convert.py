@@ -33,7 +33,8 @@ def _big_checkpoint(out: Path) -> int:
     for s in range(4):
         tensors = {}
         for i, shape in enumerate(shapes[s::4] + [shapes[-1]] * (s == 3)):
-            name = f"model.layers.{s}.mlp.experts.{i}.gate_proj.weight" if len(shape) == 2 else f"model.layers.{s}.x.bias"
+            name = (f"model.layers.{s}.mlp.experts.{i}.gate_proj.weight" if len(shape) == 2
+                    else f"model.layers.{s}.x.bias")
             tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
             weight_map[name] = f"shard-{s}.safetensors"
         save_file(tensors, str(out / f"shard-{s}.safetensors"))
@@ -70,7 +71,8 @@ def _measure(src: str, dst: str, to: str) -> dict:
 def test_peak_memory_is_about_one_tensor(tmp_path, to):
     largest = _big_checkpoint(tmp_path / "src")
     out = subprocess.run([sys.executable, __file__, str(tmp_path / "src"), str(tmp_path / "dst"), to],
-                         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                         capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     print(f"convert --to {to}: peak RssAnon growth {peak / MiB:.1f} MiB, largest tensor {largest / MiB:.0f} MiB")
