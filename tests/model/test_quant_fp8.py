@@ -40,6 +40,20 @@ def fp8(tiny, tmp_path_factory):
     return convert(tiny, tmp_path_factory.mktemp("tiny-fp8") / "ckpt", "fp8", progress=False)
 
 
+@pytest.fixture(scope="module")
+def dequantized(tiny, fp8):
+    """A float checkpoint holding the FP8 checkpoint's weights dequantized here, independently."""
+    out = {}
+    for f in fp8.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    ref_dir = tiny.parent / "tiny-fp8-dequantized"
+    shutil.copytree(tiny, ref_dir, dirs_exist_ok=True)
+    deq = {n: (_dequant(t, out[n + "_scale_inv"]) if t.dtype == torch.float8_e4m3fn else t)
+           for n, t in out.items() if not n.endswith("_scale_inv")}
+    save_file(deq, str(ref_dir / "model.safetensors"))
+    return ref_dir
+
+
 def _dequant(q: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> torch.Tensor:
     """Independent reference: every element times its block's scale, by explicit block loops."""
     out = q.float().clone()
@@ -80,7 +94,7 @@ def test_block_view_reads_any_region_exactly():
         assert torch.equal(view[rows, cols], full[rows, cols])
 
 
-def test_fp8_model_holds_exact_dequantized_weights_and_logits(tiny, fp8):
+def test_fp8_model_holds_exact_dequantized_weights_and_logits(fp8, dequantized):
     model = load(fp8)
     out = {}
     for f in fp8.glob("*.safetensors"):
@@ -89,13 +103,18 @@ def test_fp8_model_holds_exact_dequantized_weights_and_logits(tiny, fp8):
     name = "model.layers.0.self_attn.o_proj.weight"
     assert torch.equal(params[name], _dequant(out[name], out[name + "_scale_inv"]))
     # The same logits from a float model holding weights dequantized independently.
-    ref_dir = tiny.parent / "tiny-fp8-dequantized"
-    shutil.copytree(tiny, ref_dir, dirs_exist_ok=True)
-    deq = {n: (_dequant(t, out[n + "_scale_inv"]) if t.dtype == torch.float8_e4m3fn else t)
-           for n, t in out.items() if not n.endswith("_scale_inv")}
-    save_file(deq, str(ref_dir / "model.safetensors"))
-    ours, ref = prompt_logits(model, IDS), prompt_logits(load(ref_dir), IDS)
+    ours, ref = prompt_logits(model, IDS), prompt_logits(load(dequantized), IDS)
     assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_engine_serves_fp8_like_its_dequantized_weights(fp8, dequantized):
+    """Through LLM(...) (config validation, sharded loading, the engine's own steps): greedy tokens equal
+    those of the float checkpoint holding the same weights dequantized independently."""
+    from glm5_ascend import LLM, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = [LLM(str(p), device="cpu", block_size=16, quantization=q).generate([{"prompt_token_ids": IDS}], params)
+            for p, q in ((fp8, "fp8"), (dequantized, None))]
+    assert outs[0][0].outputs[0].token_ids == outs[1][0].outputs[0].token_ids
 
 
 def test_fp8_logits_within_stated_tolerance_of_the_original(tiny, fp8):

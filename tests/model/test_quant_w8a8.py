@@ -176,3 +176,15 @@ def test_errors_name_the_tensor(w8a8, tmp_path):
     (static / "quant_model_description.json").write_text(json.dumps(desc))
     with pytest.raises(ValueError, match=rf"tensor {name}.weight is W8A8; only W8A8_DYNAMIC and FLOAT"):
         load(static)
+
+
+def test_quantization_flag_must_match_the_checkpoint(tiny, w8a8):
+    from glm5_ascend.engine.arg_utils import EngineArgs
+    assert EngineArgs(model=str(w8a8), quantization="ascend", device="cpu").create_engine_config().model \
+        .quantization_config["quant_method"] == "msmodelslim"
+    with pytest.raises(ValueError, match=r"--quantization fp8: .* is msmodelslim, not fp8"):
+        EngineArgs(model=str(w8a8), quantization="fp8", device="cpu").create_engine_config()
+    with pytest.raises(ValueError, match=r"--quantization w8a8: .* is not quantized"):
+        EngineArgs(model=str(tiny), quantization="w8a8", device="cpu").create_engine_config()
+    with pytest.raises(ValueError, match=r"--quantization awq is not supported"):
+        EngineArgs(model=str(tiny), quantization="awq", device="cpu").create_engine_config()
