@@ -106,6 +106,11 @@ def test_tp_shards_keep_whole_row_scales(w8a8):
         down = "model.layers.1.mlp.experts.w2_weight"  # experts split on I: down_proj's columns
         i = part[down].shape[2]
         assert torch.equal(part[down], whole[down][:, :, rank * i:(rank + 1) * i])
+        ep = dict(load(w8a8, ps=ParallelState(ep_rank=rank, ep_size=2)).named_parameters())
+        for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):  # EP: whole experts
+            full = whole[f"model.layers.1.mlp.experts.{name}"]
+            n = full.shape[0] // 2
+            assert torch.equal(ep[f"model.layers.1.mlp.experts.{name}"], full[rank * n:(rank + 1) * n])
 
 
 def _greedy(path, steps=12):
