@@ -220,7 +220,15 @@ def build_app_from_args(args: argparse.Namespace, engine) -> FastAPI:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {})
     ctx_holder.append(ctx)
-    return build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
+    from glm5_ascend.server.limits import RequestLimitMiddleware, default_body_limit, prompt_char_bound
+    ctx.max_prompt_chars = prompt_char_bound(tokenizer, engine.max_model_len)
+    ctx.start_pool(args.tokenizer_pool_size)
+    body_limit = args.max_request_body_bytes or default_body_limit(ctx.max_prompt_chars, engine.max_model_len)
+    logger.info("Requests: texts over %d characters are refused untokenized; bodies over %d bytes get 413",
+                ctx.max_prompt_chars, body_limit)
+    app = build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
+    app.add_middleware(RequestLimitMiddleware, max_body=body_limit, max_headers=args.h11_max_header_count)
+    return app
 
 
 def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None = None,
@@ -235,6 +243,8 @@ def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None 
             yield
         finally:
             ctx.engine.shutdown()
+            if ctx.pool is not None:
+                ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="glm5-ascend", version=__version__, lifespan=lifespan,
@@ -322,13 +332,13 @@ def _add_routes(app: FastAPI, s: _App) -> None:
     @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS})
     async def tokenize_route(req: P.TokenizeRequest):
         try:
-            return JSONResponse(tokenize(ctx, req))
+            return JSONResponse(await ctx.off_loop(tokenize, ctx, req))
         except Exception as e:  # noqa: BLE001
             return api_error_response(_as_api_error(e))
 
     @app.post("/detokenize", responses={200: {"model": P.DetokenizeResponse}, **_ERRORS})
     async def detokenize_route(req: P.DetokenizeRequest):
         try:
-            return JSONResponse(detokenize(ctx, req))
+            return JSONResponse(await ctx.off_loop(detokenize, ctx, req))
         except Exception as e:  # noqa: BLE001
             return api_error_response(_as_api_error(e))

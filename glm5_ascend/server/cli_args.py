@@ -72,6 +72,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds the requests in flight get to finish after the first SIGTERM / Ctrl-C (new ones get "
                         "503 at once); then each is aborted with an error (a stream's last event). A second signal "
                         "aborts them at once")
+    p.add_argument("--tokenizer-pool-size", type=int, default=2,
+                   help="threads that tokenize and render chat templates off the event loop (so one huge "
+                        "prompt never stalls the others or /health)")
+    p.add_argument("--max-request-body-bytes", type=int, default=None,
+                   help="larger bodies get 413 unread (default: what the longest prompt --max-model-len allows "
+                        "needs, JSON-escaped, plus 1 MiB)")
+    p.add_argument("--h11-max-incomplete-event-size", type=int, default=4 * 1024 * 1024,
+                   help="most bytes of a request line and headers (uvicorn's h11 parser; vLLM's default)")
+    p.add_argument("--h11-max-header-count", type=int, default=256,
+                   help="most headers a request may carry (431 beyond; vLLM's default)")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", default=None, help="the certificate for --ssl-keyfile")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
@@ -108,6 +118,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (e.g. glm47)")
     if args.max_logprobs < 0:
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be >= 0")
+    for flag in ("tokenizer_pool_size", "h11_max_incomplete_event_size", "h11_max_header_count"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if args.max_request_body_bytes is not None and args.max_request_body_bytes < 1024:
+        raise ValueError(f"--max-request-body-bytes {args.max_request_body_bytes} must be >= 1024")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     if not 0 < args.port < 65536:
@@ -172,6 +187,7 @@ def main(args: argparse.Namespace) -> int:
             access_log=not args.ignored_disable_uvicorn_access_log, timeout_keep_alive=5,
             # a backstop only: the app ends every request when the grace period is over
             timeout_graceful_shutdown=args.shutdown_timeout + 10, ssl_keyfile=args.ssl_keyfile,
+            http="h11", h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
             ssl_certfile=args.ssl_certfile), app.state.app, args.shutdown_timeout)
         async_engine = app.state.app.ctx.engine
         if config.parallel.world_size > 1:  # a dead rank ends the server: 503 first, for the balancers

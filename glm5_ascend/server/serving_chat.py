@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.errors import BadRequest
+from glm5_ascend.server.limits import text_chars
 from glm5_ascend.server.protocol import ChatCompletionRequest, NamedToolChoice
 from glm5_ascend.server.reasoning import get_reasoning_parser
 from glm5_ascend.server.serving_completion import logprob_value, prompt_logprobs_json
@@ -184,8 +185,13 @@ class ChatServing:
         return {"content": content}
 
     # ---------------------------------------------------------------- one response
+    async def _prepare(self, req: ChatCompletionRequest) -> _Prepared:
+        """Refuse a chat whose message text alone is too long, then render and tokenize it in the pool."""
+        self.ctx.reject_long_text(sum(text_chars(m.content) for m in req.messages), "messages", len(req.messages))
+        return await self.ctx.off_loop(self.prepare, req)
+
     async def full(self, req: ChatCompletionRequest, request_id: str, model: str) -> dict:
-        prep = self.prepare(req)
+        prep = await self._prepare(req)
         final = None
         async for out in self.ctx.engine.generate(prep.ids, prep.params, self.ctx.engine_id(request_id)):
             final = out
@@ -223,7 +229,7 @@ class ChatServing:
     # ---------------------------------------------------------------- streaming
     async def stream(self, req: ChatCompletionRequest, request_id: str, model: str) -> AsyncIterator[str]:
         """SSE events; the caller adds errors and ``[DONE]``. Validation errors raise before the first event."""
-        prep = self.prepare(req)
+        prep = await self._prepare(req)
         return self._events(req, prep, request_id, model)
 
     async def _events(self, req, prep: _Prepared, request_id: str, model: str) -> AsyncIterator[str]:

@@ -18,7 +18,7 @@ NEG_INF = -9999.0  # what OpenAI shows for a -inf logprob
 
 @dataclass
 class _Prompt:
-    text: str | None
+    text: str | None  # what echo shows (the prompt's text; decoded ids); None without echo
     ids: list[int]
     params: SamplingParams
     echo_only: bool = False  # echo with max_tokens=0 (scoring a prompt): one token is run, none is shown
@@ -118,17 +118,22 @@ class CompletionServing:
             if echo_only:
                 ctx.max_tokens(len(ids), 1)  # the prompt must still fit
             params = ctx.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
-            prompts.append(_Prompt(p if isinstance(p, str) else None, ids, params, echo_only))
+            echo_text = (p if isinstance(p, str) else ctx.tok.decode(ids)) if req.echo else None
+            prompts.append(_Prompt(echo_text, ids, params, echo_only))
         return prompts
 
     def _prompt_text(self, p: _Prompt) -> str:
-        return p.text if p.text is not None else self.ctx.tokenizer.decode(p.ids)
+        return p.text or ""
 
     async def generate(self, req: CompletionRequest, request_id: str) -> tuple[list[_Prompt], AsyncIterator]:
-        prompts = self.prepare(req)
+        raw = req.prompt
+        for p in [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []:
+            if isinstance(p, str):  # refused before any of the prompts is tokenized
+                self.ctx.reject_long_text(len(p))
+        prompts = await self.ctx.off_loop(self.prepare, req)
         base = self.ctx.engine_id(request_id)
-        gens = [self.ctx.engine.generate(p.ids, p.params, f"{base}-{i}", prompt=p.text)
-                for i, p in enumerate(prompts)]
+        # The engine gets token ids only: no copy of the prompt text outlives tokenization there.
+        gens = [self.ctx.engine.generate(p.ids, p.params, f"{base}-{i}") for i, p in enumerate(prompts)]
         return prompts, merge(gens)
 
     # ---------------------------------------------------------------- one response

@@ -6,10 +6,14 @@ vLLM's messages, builds SamplingParams, decodes logprob tokens, and serves
 """
 from __future__ import annotations
 
+import asyncio
+import copy
 import itertools
 import math
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from glm5_ascend.engine.sampling_params import SamplingParams
@@ -44,10 +48,46 @@ class ServingContext:
     log_requests: bool = False
     return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the default per request
     default_chat_template_kwargs: dict = field(default_factory=dict)  # --default-chat-template-kwargs
+    max_prompt_chars: int | None = None  # a longer text surely exceeds max_model_len (limits.prompt_char_bound)
+    pool: ThreadPoolExecutor | None = None  # tokenization and templates, off the event loop (start_pool)
     created: int = field(default_factory=lambda: int(time.time()))
     tokenize_seconds: float = 0.0  # chat templates + tokenization, for `bench serve`'s time breakdown
     _token_text: dict = field(default_factory=dict)
     _counter: itertools.count = field(default_factory=itertools.count)
+    _local: threading.local = field(default_factory=threading.local)
+
+    # ---------------------------------------------------------------- the worker pool
+    def start_pool(self, workers: int) -> None:
+        """`workers` threads, each with its own tokenizer copy (HF tokenizers may refuse concurrent use)."""
+        def init():
+            try:
+                self._local.tokenizer = copy.deepcopy(self.tokenizer)
+            except Exception:  # noqa: BLE001 - sharing works, only slower under contention
+                self._local.tokenizer = self.tokenizer
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="glm5-tokenize", initializer=init)
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) in the worker pool, so the event loop keeps answering (health checks, streams)."""
+        if self.pool is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    @property
+    def tok(self):
+        """This thread's tokenizer: a pool worker's own copy, else the shared one."""
+        return getattr(self._local, "tokenizer", None) or self.tokenizer
+
+    def reject_long_text(self, chars: int, param: str = "input_tokens", messages: int = 0) -> None:
+        """Refuse, before any tokenizing or rendering, a text whose length alone proves it exceeds
+        max_model_len; a chat's `messages` add at least one token each (their role marker)."""
+        if self.max_prompt_chars is None:
+            return
+        at_least = -(-chars * self.max_model_len // self.max_prompt_chars) + messages
+        if at_least >= self.max_model_len:  # as the exact check: a prompt must leave room for one token
+            what = f"{chars} characters" + (f" in {messages} messages" if messages else "")
+            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                             f"request has at least {at_least} input tokens ({what}). Please reduce the length "
+                             "of the input messages.", param=param, value=at_least)
 
     # ---------------------------------------------------------------- names and ids
     def model_name(self, requested: str | None) -> str:
@@ -70,7 +110,7 @@ class ServingContext:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         t0 = time.perf_counter()
         try:
-            ids = list(self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens)))
+            ids = list(self.tok.encode(text, add_special_tokens=bool(add_special_tokens)))
         except (TypeError, UnicodeError):  # e.g. a lone surrogate ("\ud800") that JSON allowed through
             raise BadRequest("The prompt is not valid Unicode text (it holds a lone surrogate); "
                              "send valid UTF-8 text.", param="prompt") from None
@@ -129,7 +169,7 @@ class ServingContext:
                                  "not set. Refused request with untrusted chat template.", param="chat_template")
             template = req.chat_template
         t0 = time.perf_counter()
-        text = render_chat(self.tokenizer, template, req.messages, req.tools, bool(req.add_generation_prompt),
+        text = render_chat(self.tok, template, req.messages, req.tools, bool(req.add_generation_prompt),
                            bool(req.continue_final_message), self.chat_template_kwargs(req), req.documents)
         self.tokenize_seconds += time.perf_counter() - t0
         return text
@@ -230,7 +270,7 @@ def tokenize(ctx: ServingContext, req: TokenizeCompletionRequest | TokenizeChatR
     else:
         text, add_special = req.prompt, req.add_special_tokens is not False
     ids = ctx.encode(text, add_special)
-    strs = ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    strs = ctx.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": strs}
 
 
@@ -239,4 +279,4 @@ def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> dict:
     bad = next((t for t in req.tokens if not 0 <= t < ctx.vocab_size), None)
     if bad is not None:
         raise BadRequest(f"Token id {bad} is out of vocabulary (vocab_size={ctx.vocab_size}).", param="tokens")
-    return {"prompt": ctx.tokenizer.decode(req.tokens)}
+    return {"prompt": ctx.tok.decode(req.tokens)}

@@ -49,7 +49,7 @@ def test_every_flag_has_help_and_help_shows_defaults(command):
     expected = {"serve": ["--port PORT           TCP port to listen on (default: 8000)",
                           "(default: 0.0.0.0)", "(default: 256)"],
                 "generate": ["(default: 32)"],
-                "plan": ["(default: atlas-a2)", "(default: 1)"]}[command]
+                "plan": ["(default: atlas-a2)", "(default: 0.9)"]}[command]
     flat = " ".join(text.split())
     for needle in expected:
         assert " ".join(needle.split()) in flat, f"{needle!r} not in `{command} --help`"
