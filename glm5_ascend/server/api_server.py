@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glm5_ascend import __version__
 from glm5_ascend.engine.async_engine import EngineDeadError, EngineError
 from glm5_ascend.server import protocol as P
+from glm5_ascend.server.bodies import Body, document_bodies, read_body
 from glm5_ascend.server.errors import APIError, BadRequest, api_error_response, error_response, sse_error
 from glm5_ascend.server.errors import validation_message
 from glm5_ascend.server.metrics import CONTENT_TYPE, Metrics
@@ -321,17 +322,35 @@ def _add_routes(app: FastAPI, s: _App) -> None:
                  for name in ctx.served_names]
         return JSONResponse({"object": "list", "data": cards})
 
-    @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **_ERRORS})
-    async def completions(req: P.CompletionRequest, request: Request):
+    # These bodies are decoded and validated in the worker pool (bodies.py), not by FastAPI on the loop.
+    cmpl_body = Body("CompletionRequest", P.CompletionRequest)
+    chat_body = Body("ChatCompletionRequest", P.ChatCompletionRequest, precheck=ctx.precheck_chat)
+    tok_body = Body("TokenizeRequest", P.TokenizeRequest, precheck=ctx.precheck_chat)
+    document_bodies(app, [cmpl_body, chat_body, tok_body])
+
+    @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **_ERRORS},
+              openapi_extra=cmpl_body.openapi())
+    async def completions(request: Request):
+        try:
+            req = await read_body(request, cmpl_body, ctx.off_loop)
+        except APIError as e:
+            return api_error_response(e)
         return await s.generate(request, req, s.completions, "cmpl")
 
-    @app.post("/v1/chat/completions", responses={200: {"model": P.ChatCompletionResponse}, **_ERRORS})
-    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", responses={200: {"model": P.ChatCompletionResponse}, **_ERRORS},
+              openapi_extra=chat_body.openapi())
+    async def chat_completions(request: Request):
+        try:
+            req = await read_body(request, chat_body, ctx.off_loop)
+        except APIError as e:
+            return api_error_response(e)
         return await s.generate(request, req, s.chat, "chatcmpl")
 
-    @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS})
-    async def tokenize_route(req: P.TokenizeRequest):
+    @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS},
+              openapi_extra=tok_body.openapi())
+    async def tokenize_route(request: Request):
         try:
+            req = await read_body(request, tok_body, ctx.off_loop)
             return JSONResponse(await ctx.off_loop(tokenize, ctx, req))
         except Exception as e:  # noqa: BLE001
             return api_error_response(_as_api_error(e))

@@ -106,6 +106,14 @@ class ServingContext:
         """A unique engine id, even when clients reuse X-Request-Id / request_id."""
         return f"{request_id}#{next(self._counter)}"
 
+    def precheck_chat(self, body: dict) -> None:
+        """On a decoded, not yet validated body: refuse a chat whose messages cannot fit (reject_long_text)."""
+        from glm5_ascend.server.limits import text_chars
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            chars = sum(text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+            self.reject_long_text(chars, "messages", len(messages))
+
     # ---------------------------------------------------------------- prompts
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         t0 = time.perf_counter()
