@@ -219,6 +219,45 @@ def soak(url: str, pid: int | None, clients: int, hostile: int, seconds: float, 
     }
 
 
+def _probe_until(url: str, stop, out) -> None:
+    lat = []
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            c.get(url + "/health")
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    out.put(lat)
+
+
+def one_at_a_time(url: str, pid: int | None) -> list[dict]:
+    """Each huge request alone, /health polled every 10 ms from another process meanwhile."""
+    cases = [("24 MB text prompt", "/v1/completions", {"prompt": "hello world " * 2_000_000, "max_tokens": 4}),
+             ("50,000 chat messages", "/v1/chat/completions",
+              {"messages": [{"role": "user", "content": "hi"}] * 50_000}),
+             ("5,000,000 prompt token ids", "/v1/completions", {"prompt": [1] * 5_000_000}),
+             ("147,000-character prompt", "/v1/completions", {"prompt": "hello world " * 12_250, "max_tokens": 1})]
+    ctx = mp.get_context("spawn")
+    rows = [{"case": "fresh", "rss_mib": (_rss(pid) or 0) / 2**20}]
+    with httpx.Client(timeout=120) as c:
+        for name, path, body in cases:
+            raw = json.dumps(body).encode()
+            stop, q = ctx.Event(), ctx.Queue()
+            prober = ctx.Process(target=_probe_until, args=(url, stop, q))
+            prober.start()
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            r = c.post(url + path, content=raw, headers={"content-type": "application/json"})
+            seconds = time.perf_counter() - t0
+            time.sleep(0.3)
+            stop.set()
+            lat = q.get()
+            prober.join()
+            rows.append({"case": name, "status": r.status_code, "seconds": seconds, "health_max_ms": max(lat) * 1e3,
+                         "rss_mib": (_rss(pid) or 0) / 2**20})
+    return rows
+
+
 def start_server(extra: list[str], log_path: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -251,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostile", type=int, default=4, help="hostile clients")
     p.add_argument("--hostile-pause", type=float, default=0.1,
                    help="seconds each hostile client waits between its requests (0: back to back)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="instead of the soak: each huge request alone (the issue's cases), /health polled meanwhile")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--server-log", default="soak-server.log", help="the started server's log")
     p.add_argument("server_args", nargs="*", help="after --: flags for the started server")
@@ -260,8 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         proc, url = start_server(args.server_args, args.server_log)
     try:
-        figures = soak(url, proc.pid if proc else None, args.clients, args.hostile, args.duration, args.baseline,
-                       args.hostile_pause)
+        pid = proc.pid if proc else None
+        if args.one_at_a_time:
+            with httpx.Client(timeout=300) as c:
+                for i in range(3):
+                    c.post(url + "/v1/completions", json=_good_body(i, False)).raise_for_status()
+            figures = one_at_a_time(url, pid)
+        else:
+            figures = soak(url, pid, args.clients, args.hostile, args.duration, args.baseline, args.hostile_pause)
     finally:
         if proc is not None:
             proc.terminate()

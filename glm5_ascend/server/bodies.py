@@ -4,8 +4,9 @@ FastAPI validates a declared body model on the event loop: a chat of 50,000 mess
 half a second, and /health with it. The generation routes and /tokenize therefore read the raw body and
 hand JSON decoding and pydantic validation to the pool; the errors are the ones FastAPI gave (400 with
 the field named). Both hold the GIL while they run, so a body that is refused anyway (a chat too long
-for the context) is refused from the decoded JSON, before validation (`precheck`). /openapi.json still documents each body: `openapi_body` declares the schema and
-`document_bodies` adds the models to the components.
+for the context) is refused from the decoded JSON, before validation (`precheck`). /openapi.json still
+documents each body: `Body.openapi` declares the schema, `document_bodies` adds the models to the
+components.
 """
 from __future__ import annotations
 
