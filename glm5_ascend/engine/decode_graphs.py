@@ -7,9 +7,11 @@ variant that size needs, and is then captured. A step whose every sequence decod
 sequences, copies its inputs into persistent buffers padded to the next captured size and replays
 that graph; its logits land in one persistent buffer.
 
-Padding rows are harmless by construction: token 0 at position 0, cache slot -1 (nothing is
-written), context length 1 read through block 0, so they read finite cache values and their logits
-are dropped. Nothing inside the captured forward may wait for the host: the block tables keep their
+Padding rows are harmless by construction: token 0 at position 0, context length 1 read through
+block 0, so they read finite cache values and their logits are dropped. Each writes its key to its own
+slot of the scratch blocks the runner allocates past the block manager's blocks (`pad_slot` on): the
+npu cache kernels take only in-range, distinct slots, so -1 ("write nothing") would need a host-side
+filter that a graph cannot capture. Nothing inside the captured forward may wait for the host: the block tables keep their
 full width (max_model_len / block_size), so no shape depends on the batch.
 
 On the CPU there is nothing to capture; given capture sizes (tests) run the same padded path eagerly,
@@ -30,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
-    def __init__(self, model, caches, platform, device: torch.device, sizes: tuple[int, ...], max_blocks: int):
+    def __init__(self, model, caches, platform, device: torch.device, sizes: tuple[int, ...], max_blocks: int,
+                 pad_slot: int):
         self.model, self.caches, self.platform = model, caches, platform
         self.sizes = sorted(sizes)
         n = self.sizes[-1]
@@ -38,7 +41,8 @@ class DecodeGraphs:
         i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
         self.ids = torch.zeros(n, **i64)
         self.positions = torch.zeros(n, **i64)
-        self.slots = torch.full((n,), -1, **i64)
+        self.pad_slots = np.arange(pad_slot, pad_slot + n, dtype=np.int64)  # row i pads to pad_slot + i
+        self.slots = torch.arange(pad_slot, pad_slot + n, **i64)
         self.cu_seqlens = torch.arange(n + 1, **i32)
         self.seq_lens = torch.ones(n, **i32)
         self.prompt_lens = torch.ones(n, **i32)
@@ -91,7 +95,7 @@ class DecodeGraphs:
         tables[:b] = step.block_tables
         self.ids[:size].copy_(torch.from_numpy(np.pad(step.ids, (0, pad))))
         self.positions[:size].copy_(torch.from_numpy(np.pad(step.positions, (0, pad))))
-        self.slots[:size].copy_(torch.from_numpy(np.pad(step.slots, (0, pad), constant_values=-1)))
+        self.slots[:size].copy_(torch.from_numpy(np.concatenate([step.slots, self.pad_slots[b:size]])))
         self.seq_lens[:size].copy_(torch.from_numpy(np.pad(step.seq_lens, (0, pad), constant_values=1)))
         self.prompt_lens[:size].copy_(torch.from_numpy(np.pad(step.prompt_lens, (0, pad), constant_values=1)))
         self.block_tables[:size, :width].copy_(torch.from_numpy(tables))

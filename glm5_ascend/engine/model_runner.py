@@ -110,18 +110,23 @@ class ModelRunner:
     def allocate_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         m, dt = self.config.model, self.config.dtype
-        shape = (num_blocks, self.block_size)
+        sizes = self.config.graphs.capture_sizes
+        graphs = bool(sizes) and self.ps.ep_size == 1
+        # Padded decode batches write their padding rows to distinct slots of scratch blocks past the
+        # block manager's `num_blocks` (the npu cache kernels take no -1 slot: ops/dsa/npu.py).
+        scratch = -(-max(sizes) // self.block_size) if graphs else 0
+        shape = (num_blocks + scratch, self.block_size)
         self.caches = [LayerCache(torch.zeros(*shape, m.kv_lora_rank, dtype=dt, device=self.device),
                                   torch.zeros(*shape, m.qk_rope_head_dim, dtype=dt, device=self.device),
                                   torch.zeros(*shape, m.index_head_dim, dtype=dt, device=self.device))
                        for _ in range(m.num_hidden_layers)]
-        sizes = self.config.graphs.capture_sizes
-        if sizes and self.ps.ep_size > 1:
+        if sizes and not graphs:
             logger.info("decode graphs: off with expert parallelism (the all_to_all dispatch needs its split "
                         "sizes on the host); decode runs eagerly")
         elif sizes:
             max_blocks = -(-self.config.scheduler.max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.caches, self.platform, self.device, sizes, max_blocks)
+            self.graphs = DecodeGraphs(self.model, self.caches, self.platform, self.device, sizes, max_blocks,
+                                       pad_slot=num_blocks * self.block_size)
             self.graphs.capture()
 
     # ---- one step ----

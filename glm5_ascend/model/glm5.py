@@ -27,7 +27,7 @@ from glm5_ascend.model.layers import (ColumnParallelLinear, InterleavedRope, Lay
 class AttnMetadata:
     """Where one step's tokens live. T tokens from B sequences (see ops/dsa/reference.py).
 
-    slot_mapping: int64 [T] cache slot of each new token (-1 = padding)
+    slot_mapping: int64 [T] cache slot of each new token (padding rows: slots of a scratch block)
     block_tables: int32 [B, max_blocks]; cu_seqlens_q: int32 [B+1]; seq_lens: int32 [B] (context incl. new)
     prompt_lens: int32 [B] prompt length of each sequence
     """

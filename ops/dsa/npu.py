@@ -65,32 +65,31 @@ def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def mla_cache_write(latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
                     slot_mapping: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,
                     index_cache: torch.Tensor | None) -> None:
-    """Paged write of latent [T, R], rope key [T, Dr] and index key [T, Di]; slots < 0 are skipped.
+    """Paged write of latent [T, R], rope key [T, Dr] and index key [T, Di] at `slot_mapping`.
 
     latent / rope go through npu_scatter_pa_kv_cache (the key/value pair of scenario 2, ND caches:
     cache_mode="Norm") and the index key through npu_scatter_nd_update_. Our inputs are already normed
     and rotated (the model does that), so npu_kv_rmsnorm_rope_cache, which fuses norm + rope + write,
     does not fit this op's contract.
 
-    Both kernels take only in-range, distinct slots ("slot_mapping的值范围[0,num_blocks*block_size-1]",
-    "indices中的索引数据不支持越界"), and the cache has no scratch slot, so padding (-1) is dropped with a
-    boolean mask: the one host sync left on the npu decode path (docs/ops.md).
+    Both kernels take only in-range, distinct slots ("slot_mapping的值范围[0,num_blocks*block_size-1]，
+    且slotMapping内的元素值保证不重复", "indices中的索引数据不支持越界"). So, unlike the reference and cuda
+    backends, this one does not skip padding slots (-1): filtering them would need a boolean mask, a
+    host sync that aclgraph cannot capture. The engine never sends -1: a padded decode batch writes its
+    padding rows to distinct slots of a scratch block past the block manager's (engine/decode_graphs.py).
     """
     T, R = latent.shape
-    # The kernels require every slot in [0, num_blocks * block_size); padding tokens carry -1.
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    if slots.numel() == 0:
+    if T == 0:
         return
     nb, bs = latent_cache.shape[:2]
     torch_npu.npu_scatter_pa_kv_cache(
-        latent[keep].to(latent_cache.dtype).unsqueeze(1).contiguous(),
-        k_rope[keep].to(rope_cache.dtype).unsqueeze(1).contiguous(),
+        latent.to(latent_cache.dtype).unsqueeze(1).contiguous(),
+        k_rope.to(rope_cache.dtype).unsqueeze(1).contiguous(),
         latent_cache.view(nb, bs, 1, R), rope_cache.view(nb, bs, 1, rope_cache.shape[-1]),
-        slots, cache_mode="Norm")
+        slot_mapping.contiguous(), cache_mode="Norm")
     if index_cache is not None and index_k is not None:
-        torch_npu.npu_scatter_nd_update_(index_cache.view(-1, index_cache.shape[-1]), slots.long().view(-1, 1),
-                                         index_k[keep].to(index_cache.dtype))
+        torch_npu.npu_scatter_nd_update_(index_cache.view(-1, index_cache.shape[-1]), slot_mapping.long().view(-1, 1),
+                                         index_k.to(index_cache.dtype))
 
 
 # npu_lightning_indexer limits (op docs, torch_npu-npu_lightning_indexer.md and the CANN LightningIndexer

@@ -40,6 +40,28 @@ def test_padded_graph_path_equals_eager(eager):
     assert [o.outputs[0].token_ids for o in more] == [o.outputs[0].token_ids for o in want[::-1]]
 
 
+def test_padded_graph_path_on_npu_backend(eager):
+    """The npu cache kernels take only in-range, distinct slots (the emulator refuses anything else), so
+    the padded path must send each padding row to its own scratch slot, never -1."""
+    from glm5_ascend import ops
+    from tests.ops import emulator
+    if emulator.real_torch_npu_present():
+        pytest.skip("a real torch_npu is present")
+    with emulator.installed("a3") as torch_npu, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GLM5_OPS_BACKEND", "npu")
+        assert ops.resolve("mla_cache_write", "cpu")[0] == "npu"
+        graphs = LLM(cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8, seed=3)
+        runner = graphs.llm_engine.runner
+        assert runner.caches[0].latent.shape[0] == runner.num_blocks + 1  # one scratch block (8 <= block size)
+        assert runner.graphs.slots.min() >= runner.num_blocks * runner.block_size
+        prompts, params = _requests()
+        before = torch_npu.calls["npu_scatter_pa_kv_cache"]
+        got = graphs.generate(prompts, params)
+        assert torch_npu.calls["npu_scatter_pa_kv_cache"] > before
+    want = eager.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
 def test_capture_sizes():
     assert GraphConfig.build(False, None, None, 20, True).capture_sizes == (1, 2, 4, 8, 16, 20)
     assert GraphConfig.build(False, None, 8, 256, True).capture_sizes == (1, 2, 4, 8)

@@ -123,7 +123,6 @@ def test_mla_cache_write(npu_backend, dtype, device):
     batch = make_batch([3, 1, 2], [10, 17, 2], 8)
     gen = torch.Generator().manual_seed(14)
     slots = torch.cat([batch.slot(b, torch.arange(c - q, c)) for b, (q, c) in enumerate(zip(batch.q_lens, batch.ctx))])
-    slots[2] = -1
     lat, rope, idx = (torch.randn(batch.T, d, generator=gen).to(dtype).to(device) for d in (32, 8, 16))
     caches = [batch.cache(d, dtype, device, gen) for d in (32, 8, 16)]
     want = [c.clone() for c in caches]
@@ -132,6 +131,11 @@ def test_mla_cache_write(npu_backend, dtype, device):
     for got, ref in zip(caches, want):
         assert torch.equal(got.cpu(), ref.cpu())
     ops.mla_cache_write(lat, rope, None, slots.to(device), caches[0], caches[1], None)  # shared-indexer layer
+    # the kernels take no padding slot (-1): the engine sends padding rows to a scratch block instead
+    slots[2] = -1
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match=r"slot_mapping must lie in \[0, "):
+            ops.mla_cache_write(lat, rope, idx, slots.to(device), *caches)
 
 
 def test_dsa_empty_batch(npu_backend, device):
@@ -283,8 +287,7 @@ def test_glm5_shapes_decode(npu_backend, device):
 
 def test_decode_path_is_capturable(npu_backend, device, monkeypatch):
     """A GLM-5-shaped decode step through every npu wrapper on the decode path, inside capturable():
-    no wrapper syncs with the host (aclgraph could capture it). mla_cache_write is the documented
-    exception: the cache kernels take only valid slots, and dropping padding needs a boolean mask."""
+    no wrapper syncs with the host (aclgraph could capture it)."""
     if device.type != "cpu":
         pytest.skip("the host-sync detector wraps the emulated kernels")
     monkeypatch.setenv("GLM5_OPS_CHECK_VALUES", "0")  # the value checks read the device by design
@@ -306,6 +309,7 @@ def test_decode_path_is_capturable(npu_backend, device, monkeypatch):
     w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.3).to(dt)
     w2 = (torch.randn(E, D, I, generator=gen) * 0.3).to(dt)
     slots = torch.tensor([batch.slot(0, 299), batch.slot(1, 516)]).view(-1)
+    new_lat, new_rope = lat[0, :2].clone(), rope[0, :2].clone()
     with emulator.capturable():
         ops.interleaved_rope(x_rope, angle.cos().to(dt), angle.sin().to(dt))
         idx = ops.lightning_indexer(q_i, w_i, idx_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, 2048, 128 ** -0.5)
@@ -314,10 +318,10 @@ def test_decode_path_is_capturable(npu_backend, device, monkeypatch):
         weights, ids = ops.moe_route(logits, bias, 8, 1, 1, 2.5)
         permuted, order, counts = ops.moe_permute(hidden, ids, E)
         routed = ops.moe_unpermute(ops.grouped_mlp(permuted, counts, w13, w2), order, weights)
-        with pytest.raises(emulator.HostSync, match="Tensor.__getitem__"):
-            ops.mla_cache_write(lat[0, :2], rope[0, :2], None, slots, lat, rope, None)
+        ops.mla_cache_write(new_lat, new_rope, None, slots, lat, rope, None)
     assert out.shape == (T, H, 512) and routed.shape == (T, D)
-    for op in ("npu_interleave_rope", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_moe_gating_top_k",
+    for op in ("npu_interleave_rope", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_scatter_pa_kv_cache",
+               "npu_moe_gating_top_k",
                "npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_moe_token_unpermute"):
         assert npu_backend.calls[op] >= 1, op
     permuted, order, counts = moe_ref.moe_permute(hidden.float(), ids, E)
