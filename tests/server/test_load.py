@@ -82,7 +82,8 @@ def test_64_concurrent_streams(server):
     assert delta("vllm:e2e_request_latency_seconds_count") == N_CLIENTS
     assert delta("vllm:time_to_first_token_seconds_count") == N_CLIENTS
     assert delta("vllm:request_generation_tokens_sum") == sum(r["want"] for r in results)
-    assert delta("vllm:inter_token_latency_seconds_count") <= sum(r["want"] - 1 for r in results)
+    # one gap per token after each request's first (one token per step: no speculative tokens here)
+    assert delta("vllm:inter_token_latency_seconds_count") == sum(r["want"] - 1 for r in results)
     assert metric(after, "vllm:num_requests_running") == 0 and metric(after, "vllm:kv_cache_usage_perc") == 0
 
 
