@@ -74,6 +74,10 @@ class DPEngine:
     def step_seconds(self) -> dict:
         return self.local.step_seconds
 
+    @property
+    def structured_outputs(self):
+        return self.local.structured_outputs
+
     def validate_prompt(self, prompt_ids: list[int]) -> None:
         self.local.validate_prompt(prompt_ids)
 
@@ -88,8 +92,7 @@ class DPEngine:
         if group == 0:
             return self.local.add_request(request_id, prompt_ids, params, prompt, arrival)
         self.local.validate_prompt(prompt_ids)  # the group's engine checks the same, but answers late
-        if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
+        self.local.validate_params(params)
         now = time.monotonic()
         age = now - (arrival if arrival is not None else now)
         self.pending[group].append(("add", request_id, list(prompt_ids), params, prompt, age))

@@ -16,6 +16,7 @@ from glm5_ascend.engine.model_runner import ModelRunner, StepResult
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.scheduler import Scheduler
 from glm5_ascend.engine.sequence import (CompletionOutput, Logprob, RequestMetrics, RequestOutput, Sequence)
+from glm5_ascend.engine.structured_outputs import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
+        self.structured_outputs = (StructuredOutputs(self.tokenizer, config.model.vocab_size, eos)
+                                   if self.tokenizer is not None else None)
         if cluster is None:
             self.runner = ModelRunner(config, eos)
             self.runner.allocate_cache(self.runner.available_blocks())
@@ -119,14 +122,27 @@ class LLMEngine:
                              f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller "
                              "than the number of text tokens plus one generated token.")
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against the vocabulary, and a structured
+        output constraint, compiled (and cached) here; ValueError naming the problem."""
+        vocab = self.config.model.vocab_size
+        bad = [t for t in params.logprob_token_ids or [] if t >= vocab]
+        if bad:
+            raise ValueError(f"logprob_token_ids {bad[:5]} are out of vocabulary (vocab_size={vocab}).")
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
+        if params.structured_outputs is not None:
+            if self.structured_outputs is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none")
+            self.structured_outputs.compile(params.structured_outputs)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids)
         prompt_ids = [operator.index(t) for t in prompt_ids]
-        if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
+        self.validate_params(params)
         arrival = arrival if arrival is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -137,6 +153,8 @@ class LLMEngine:
             if child.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device)
                 seq.generator.manual_seed(child.seed)
+            if child.structured_outputs is not None:
+                seq.grammar = self.structured_outputs.sequence_grammar(child.structured_outputs)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, seqs, RequestMetrics(arrival))
@@ -147,6 +165,7 @@ class LLMEngine:
         if req is None:
             return None
         for seq in req.seqs:
+            seq.grammar = None
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
                 self.finished_reasons["abort"] = self.finished_reasons.get("abort", 0) + 1
@@ -211,10 +230,16 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.cumulative_logprob += s.logprobs[i]
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         if seq.logprobs is not None:
-            entry = {token: Logprob(s.logprobs[i], s.top[i][2])}
-            for rank, (tid, lp) in enumerate(zip(s.top[i][0], s.top[i][1]), start=1):
+            top = s.top[i]
+            entry = {token: Logprob(s.logprobs[i], top[2] if top else None)}
+            for rank, (tid, lp) in enumerate(zip(*top[:2]) if top else (), start=1):
                 entry.setdefault(tid, Logprob(lp, rank))
+            if s.pinned is not None and s.pinned[i] is not None:
+                for tid, lp, rank in zip(*s.pinned[i]):
+                    entry.setdefault(tid, Logprob(lp, rank))
             self._decode_tokens(entry)
             seq.logprobs.append(entry)
         new_chars = 0
@@ -250,6 +275,7 @@ class LLMEngine:
             if stop_reason is None and seq.detok is not None and p.detokenize and reason == "length":
                 seq.output_text += seq.detok.flush(seq.token_ids)
             self.scheduler.finish(seq, reason, stop_reason)
+            seq.grammar = None
             self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
 
     def _decode_tokens(self, entry: dict[int, Logprob]) -> None:

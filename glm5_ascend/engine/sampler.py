@@ -1,8 +1,14 @@
-"""Batched token sampling with vLLM's semantics.
+"""Batched token sampling with vLLM's semantics, vectorized on the device.
 
-Order: logit_bias / allowed_token_ids, min_tokens, penalties, then greedy argmax or temperature,
-min_p, top_k, top_p and a draw. Logprobs are those of the raw model distribution (vLLM's default),
-taken before any of these steps.
+Order: the structured-output bitmask (constrained rows only), then logit_bias / allowed_token_ids,
+min_tokens, penalties, then greedy argmax or temperature, min_p, top_k, top_p and a draw. Logprobs
+are those of the model's distribution after the bitmask (vLLM applies it before its sampler) and
+before every other step.
+
+Per step, the host only walks the batch's parameters into a few small tensors (one copy each to the
+device); every row is processed by the same batched ops, and the results come back in one copy at
+the end. A seeded request draws its noise from its own generator, so its tokens do not depend on
+its batch-mates.
 """
 from __future__ import annotations
 
@@ -11,13 +17,17 @@ from dataclasses import dataclass
 import torch
 
 from glm5_ascend.engine.sequence import Sequence
+from glm5_ascend.engine.structured_outputs import apply_bitmask
+
+_EPS = 1e-5
 
 
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float]  # raw logprob of each sampled token
+    logprobs: list[float]  # logprob of each sampled token
     top: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, sampled rank)
+    pinned: list[tuple[list[int], list[float], list[int]] | None] | None = None  # logprob_token_ids: ids, lps, ranks
 
 
 class Sampler:
@@ -27,88 +37,183 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: float32 [B, V], one row per sequence being sampled."""
+        """logits: float32 [B, V], one row per sequence being sampled (left untouched)."""
         B, V = logits.shape
-        raw = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
-        for i, seq in enumerate(seqs):
-            self._process_row(logits, i, seq, V)
-        temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=logits.device)
-        greedy = temps < 1e-5
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
+        if constrained:
+            apply_bitmask(logits, constrained, [seqs[i].grammar for i in constrained])
+        raw = torch.log_softmax(logits, dim=-1)
+        self._mask_and_bias(logits, seqs, V)
+        self._penalize(logits, seqs, V)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            rows = (~greedy).nonzero().flatten().tolist()
-            probs = self._probs(logits[rows] / temps[rows, None], [seqs[r].params for r in rows])
-            q = torch.empty_like(probs)
-            for j, r in enumerate(rows):
-                q[j].exponential_(generator=seqs[r].generator or self.generator)
-            tokens[rows] = (probs / q).argmax(dim=-1)
-        sampled_lp = raw.gather(1, tokens[:, None]).squeeze(1)
-        top = self._top_logprobs(raw, tokens, sampled_lp, seqs)
-        return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+        random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= _EPS]
+        if random_rows:
+            self._draw(logits, tokens, seqs, random_rows)
+        return self._results(raw, tokens, seqs)
 
-    def _process_row(self, logits: torch.Tensor, i: int, seq: Sequence, V: int) -> None:
-        p = seq.params
-        row = logits[i]
-        if p.allowed_token_ids is not None:
-            mask = torch.full_like(row, float("-inf"))
-            ids = torch.tensor([t for t in p.allowed_token_ids if 0 <= t < V], dtype=torch.long, device=row.device)
-            mask[ids] = 0.0
-            row += mask
-        if p.logit_bias:
-            for tok, bias in p.logit_bias.items():
-                if 0 <= tok < V:
-                    row[tok] += bias
-        if seq.num_output_tokens < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-            ids = [t for t in banned if 0 <= t < V]
-            if ids:
-                row[ids] = float("-inf")
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            self._penalize(row, seq, V)
-
-    @staticmethod
-    def _penalize(row: torch.Tensor, seq: Sequence, V: int) -> None:
-        p = seq.params
-        out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
-        counts = torch.bincount(out[out < V], minlength=V).to(row.dtype) if out.numel() else torch.zeros_like(row)
-        if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            prompt = torch.tensor(seq.token_ids[: seq.num_prompt_tokens], dtype=torch.long, device=row.device)
-            seen[prompt[prompt < V]] = True
-            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            row.copy_(torch.where(seen, penalized, row))
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-
-    @staticmethod
-    def _probs(logits: torch.Tensor, params) -> torch.Tensor:
-        probs = torch.softmax(logits, dim=-1)
-        for j, p in enumerate(params):
-            row = probs[j]
-            if p.min_p > 0:
-                row[row < p.min_p * row.max()] = 0.0
-            if p.top_k and p.top_k < row.numel():
-                kth = row.topk(p.top_k).values[-1]
-                row[row < kth] = 0.0
-            if p.top_p < 1.0:
-                sorted_p, idx = row.sort(descending=True)
-                cum = sorted_p.cumsum(0)
-                drop = (cum - sorted_p) > p.top_p * cum[-1]  # keep the smallest set reaching top_p
-                row[idx[drop]] = 0.0
-        return probs / probs.sum(-1, keepdim=True)
+    # ---------------------------------------------------------------- logit processing
+    def _mask_and_bias(self, logits: torch.Tensor, seqs: list[Sequence], V: int) -> None:
+        """allowed_token_ids, then logit_bias, then min_tokens' ban on EOS and stop tokens: each one
+        scatter over the (row, token) pairs of every row that asks for it."""
+        allow_r, allow_t, bias_r, bias_t, bias_v, ban_r, ban_t = [], [], [], [], [], [], []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.allowed_token_ids is not None:
+                ids = [t for t in p.allowed_token_ids if 0 <= t < V]
+                allow_r.append(i)
+                allow_t.append(ids)
+            if p.logit_bias:
+                for tok, bias in p.logit_bias.items():
+                    if 0 <= tok < V:
+                        bias_r.append(i)
+                        bias_t.append(tok)
+                        bias_v.append(bias)
+            if seq.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                for t in banned:
+                    if 0 <= t < V:
+                        ban_r.append(i)
+                        ban_t.append(t)
+        dev = logits.device
+        if allow_r:
+            rows = _dev(torch.tensor(allow_r), dev)
+            local = [j for j, ids in enumerate(allow_t) for _ in ids]
+            mask = torch.full((len(allow_r), V), float("-inf"), device=dev)
+            mask[_dev(torch.tensor(local, dtype=torch.long), dev),
+                 _dev(torch.tensor([t for ids in allow_t for t in ids], dtype=torch.long), dev)] = 0.0
+            logits.index_add_(0, rows, mask)
+        if bias_r:
+            logits.index_put_((_dev(torch.tensor(bias_r), dev), _dev(torch.tensor(bias_t), dev)),
+                              _dev(torch.tensor(bias_v, dtype=logits.dtype), dev), accumulate=True)
+        if ban_r:
+            logits.index_put_((_dev(torch.tensor(ban_r), dev), _dev(torch.tensor(ban_t), dev)),
+                              torch.tensor(float("-inf"), device=dev))
 
     @staticmethod
-    def _top_logprobs(raw, tokens, sampled_lp, seqs):
-        wants = [s.params.logprobs for s in seqs]
-        if all(w is None for w in wants):
-            return [None] * len(seqs)
-        k = max(w or 0 for w in wants)
-        top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], tokens[:, None][:, :0])
-        ranks = (raw > sampled_lp[:, None]).sum(-1) + 1
-        out = []
-        for i, w in enumerate(wants):
-            if w is None:
-                out.append(None)
+    def _penalize(logits: torch.Tensor, seqs: list[Sequence], V: int) -> None:
+        """Repetition (prompt and output tokens), frequency and presence penalties of the rows that
+        set any, as one batch: output-token counts and seen-masks built by scatter."""
+        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
+                or s.params.presence_penalty or s.params.frequency_penalty]
+        if not rows:
+            return
+        dev = logits.device
+        out_r, out_t, seen_r, seen_t, scal = [], [], [], [], []
+        for j, i in enumerate(rows):
+            seq, p = seqs[i], seqs[i].params
+            out = [t for t in seq.output_ids if t < V]
+            out_r.extend([j] * len(out))
+            out_t.extend(out)
+            if p.repetition_penalty != 1.0:
+                prompt = [t for t in seq.token_ids[: seq.num_prompt_tokens] if t < V]
+                seen_r.extend([j] * len(prompt))
+                seen_t.extend(prompt)
+            scal.append((p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+        idx = _dev(torch.tensor(rows), dev)
+        sub = logits.index_select(0, idx)
+        counts = torch.zeros_like(sub)
+        if out_r:
+            counts.index_put_((_dev(torch.tensor(out_r), dev), _dev(torch.tensor(out_t), dev)),
+                              torch.ones(len(out_r), device=dev, dtype=sub.dtype), accumulate=True)
+        seen = counts > 0
+        if seen_r:
+            seen[_dev(torch.tensor(seen_r), dev), _dev(torch.tensor(seen_t), dev)] = True
+        rep, freq, pres = _dev(torch.tensor(scal, dtype=sub.dtype), dev).unbind(1)
+        rep = rep[:, None]
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)  # rows with repetition_penalty 1 are unchanged here
+        sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(sub.dtype)
+        logits.index_copy_(0, idx, sub)
+
+    # ---------------------------------------------------------------- random sampling
+    def _draw(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        """Temperature, min_p, top_k, top_p and an exponential-race draw for the non-greedy rows."""
+        dev, V = logits.device, logits.shape[1]
+        params = [seqs[i].params for i in rows]
+        scal = _dev(torch.tensor([(p.temperature, p.min_p, p.top_k if 0 < p.top_k < V else V, p.top_p)
+                                  for p in params], dtype=torch.float32), dev)
+        temp, min_p, top_k, top_p = scal.unbind(1)
+        idx = _dev(torch.tensor(rows), dev)
+        probs = torch.softmax(logits.index_select(0, idx) / temp[:, None], dim=-1)
+        use_min_p = any(p.min_p > 0 for p in params)
+        use_top_k = any(0 < p.top_k < V for p in params)
+        use_top_p = any(p.top_p < 1.0 for p in params)
+        if use_min_p or use_top_k or use_top_p:
+            # One sort serves all three: each keeps a prefix of the sorted order.
+            sp, order = probs.sort(dim=-1, descending=True)
+            if use_min_p:
+                sp = sp.masked_fill(sp < min_p[:, None] * sp[:, :1], 0.0)
+            if use_top_k:
+                kth = sp.gather(1, (top_k.long() - 1)[:, None])
+                sp = sp.masked_fill(sp < kth, 0.0)
+            if use_top_p:
+                cum = sp.cumsum(dim=-1)
+                sp = sp.masked_fill((cum - sp) > top_p[:, None] * cum[:, -1:], 0.0)  # smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(1, order, sp)
+        probs = probs / probs.sum(-1, keepdim=True)
+        q = torch.empty_like(probs)
+        free = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+        if len(free) == len(rows):
+            q.exponential_(generator=self.generator)
+        else:
+            for j, i in enumerate(rows):
+                if seqs[i].generator is not None:
+                    q[j].exponential_(generator=seqs[i].generator)
+            if free:
+                q[_dev(torch.tensor(free), dev)] = torch.empty(len(free), V, device=dev).exponential_(
+                    generator=self.generator)
+        tokens.index_copy_(0, idx, (probs / q).argmax(dim=-1))
+
+    # ---------------------------------------------------------------- results, one copy to the host
+    @staticmethod
+    def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        B, V = raw.shape
+        dev = raw.device
+        sampled_lp = raw.gather(1, tokens[:, None])
+        cols = [tokens[:, None].to(raw.dtype), sampled_lp]  # float32 holds ids and ranks < 2**24 exactly
+        # A row pinning logprob_token_ids also reports its sampled token's rank (as logprobs=0 would).
+        wants = [0 if s.params.logprobs is None and s.params.logprob_token_ids else s.params.logprobs
+                 for s in seqs]
+        k = max((w or 0 for w in wants), default=0)
+        any_lp = any(w is not None for w in wants)
+        if any_lp:
+            cols.append(((raw > sampled_lp).sum(-1, keepdim=True) + 1).to(raw.dtype))
+        if k:
+            top_lp, top_ids = raw.topk(k, dim=-1)
+            cols += [top_ids.to(raw.dtype), top_lp]
+        pin_rows = [i for i, s in enumerate(seqs) if s.params.logprob_token_ids]
+        P = max((len(seqs[i].params.logprob_token_ids) for i in pin_rows), default=0)
+        if pin_rows:
+            ids = torch.zeros(B, P, dtype=torch.long)
+            for i in pin_rows:
+                pin = [min(t, V - 1) for t in seqs[i].params.logprob_token_ids]
+                ids[i, :len(pin)] = torch.tensor(pin)
+            ids = _dev(ids, dev)
+            pin_lp = raw.gather(1, ids)
+            rows = _dev(torch.tensor(pin_rows), dev)
+            asc = raw.index_select(0, rows).sort(dim=-1).values
+            pin_rank = torch.zeros_like(pin_lp)
+            pin_rank.index_copy_(0, rows, (V - torch.searchsorted(asc, pin_lp.index_select(0, rows).contiguous(),
+                                                                  right=True) + 1).to(raw.dtype))
+            cols += [pin_lp, pin_rank]
+        host = torch.cat(cols, dim=1).tolist()
+        token_ids = [int(r[0]) for r in host]
+        logprobs = [r[1] for r in host]
+        top, pinned = [], []
+        for i, (r, w) in enumerate(zip(host, wants)):
+            top.append(None if w is None else ([int(t) for t in r[3:3 + w]], r[3 + k:3 + k + w], int(r[2])))
+            pin = seqs[i].params.logprob_token_ids
+            if pin:
+                base = 2 + any_lp + 2 * k
+                pinned.append((list(pin), r[base:base + len(pin)], [int(x) for x in r[base + P:base + P + len(pin)]]))
             else:
-                out.append((top_ids[i, :w].tolist(), top_lp[i, :w].tolist(), int(ranks[i])))
-        return out
+                pinned.append(None)
+        return SampleResult(token_ids, logprobs, top, pinned if pin_rows else None)
+
+
+def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device: an asynchronous copy from pinned memory off the CPU."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

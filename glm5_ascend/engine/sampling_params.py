@@ -5,6 +5,48 @@ from dataclasses import dataclass, field
 
 _EPS = 1e-5
 MAX_LOGPROBS = 20
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured-output constraint: exactly one of json (a JSON schema, dict or string), regex,
+    choice, grammar (EBNF), json_object or structural_tag (xgrammar's JSON form). The engine compiles
+    it with xgrammar (engine/structured_outputs.py) and masks every sampled token to it."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    # JSON: forbid properties and items the schema does not declare (xgrammar's strict mode, vLLM's
+    # behaviour); response_format json_schema with "strict": false turns it off.
+    strict: bool = True
+    # Leave the output unconstrained until this token (the reasoning parser's end of thinking, e.g.
+    # </think>) has been sampled: reasoning is free text, the answer after it is constrained.
+    start_after_token_id: int | None = None
+
+    def __post_init__(self):
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError("You can only use one kind of structured outputs constraint but multiple are "
+                             f"specified: {', '.join(given)}.")
+        if not given:
+            raise ValueError("You must use one kind of structured outputs constraint (json, regex, choice, "
+                             "grammar, json_object or structural_tag) but none is specified.")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs choice must be a non-empty list of strings.")
+        for k in ("regex", "grammar", "structural_tag"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"structured_outputs {k} must be a non-empty string.")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclass
@@ -30,6 +72,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids at every step, beside the top ones
+    structured_outputs: StructuredOutputsParams | None = None
     detokenize: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +126,12 @@ class SamplingParams:
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             bad("allowed_token_ids must not be empty.")
+        if self.logprob_token_ids is not None and (
+                not isinstance(self.logprob_token_ids, list)
+                or any(not isinstance(t, int) or t < 0 for t in self.logprob_token_ids)):
+            bad(f"logprob_token_ids must be a list of non-negative integers, got {self.logprob_token_ids!r}.")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

@@ -43,7 +43,8 @@ class Sequence:
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # full blocks already entered into the prefix cache
         self.uncacheable_from_block = 1 << 62  # blocks from here on never enter the prefix cache
-        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = (
+            [] if params.logprobs is not None or params.logprob_token_ids else None)
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.cumulative_logprob = 0.0
@@ -52,6 +53,7 @@ class Sequence:
         self.output_text = ""
         self.detok = None  # IncrementalDetokenizer, set by the engine
         self.generator = None  # torch.Generator for seeded sampling
+        self.grammar = None  # structured_outputs.SequenceGrammar of a constrained request, set by the engine
         self.arrival = arrival if arrival is not None else time.monotonic()
         self.first_scheduled: float | None = None
         self.first_token_time: float | None = None
