@@ -359,6 +359,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token ids in and out, no text (vLLM's flag)
     load_format: str = "auto"  # auto | safetensors: the checkpoint's weights; dummy: random weights
     graphs: GraphConfig = field(default_factory=GraphConfig)
+    structured_outputs: dict = field(default_factory=dict)  # --structured-outputs-config (vLLM's keys)
 
     def __post_init__(self):
         self.parallel.check_model(self.model)

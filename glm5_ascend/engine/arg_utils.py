@@ -95,6 +95,9 @@ class EngineArgs:
                             choices=("auto", "safetensors", "dummy"))
     hf_overrides: dict | None = _arg(None, "JSON object of config.json fields to override, e.g. "
                                            "'{\"num_hidden_layers\": 4}'", type=json_object)
+    structured_outputs_config: dict | None = _arg(
+        None, "JSON object of vLLM's structured-output options: backend (xgrammar, the one here), "
+              "disable_any_whitespace (constrained JSON and tool calls without free whitespace)", type=json_object)
     # ---- graph-captured decode ----
     enforce_eager: bool = _arg(False, "run decode eagerly: capture no CUDA / NPU graphs")
     cuda_graph_sizes: list[int] | None = _arg(None, "decode batch sizes to capture (default: 1 2 4 8 16 24 ... "
@@ -183,7 +186,19 @@ class EngineArgs:
             dtype=torch_dtype, device=self.device, seed=self.seed, tokenizer_path=self.tokenizer,
             skip_tokenizer_init=self.skip_tokenizer_init, load_format=self.load_format,
             graphs=GraphConfig.build(self.enforce_eager, self.cuda_graph_sizes, self.max_cudagraph_capture_size,
-                                     self.max_num_seqs, platform_for_device(self.device).supports_graphs()))
+                                     self.max_num_seqs, platform_for_device(self.device).supports_graphs()),
+            structured_outputs=self._structured_outputs_config())
+
+    def _structured_outputs_config(self) -> dict:
+        cfg = dict(self.structured_outputs_config or {})
+        unknown = set(cfg) - {"backend", "disable_any_whitespace", "reasoning_parser"}
+        if unknown:
+            raise ValueError(f"--structured-outputs-config: unknown keys {sorted(unknown)}; this engine takes "
+                             "backend and disable_any_whitespace")
+        if cfg.get("backend", "auto") not in ("auto", "xgrammar"):
+            raise ValueError(f"--structured-outputs-config backend {cfg['backend']!r} is not available; "
+                             "xgrammar is the one backend here (use auto or xgrammar)")
+        return {"disable_any_whitespace": bool(cfg.get("disable_any_whitespace", False))}
 
     def _check(self) -> None:
         if self.quantization not in (None, "None", "none") + tuple(_QUANTIZATION):

@@ -68,7 +68,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        self.structured_outputs = (StructuredOutputs(self.tokenizer, config.model.vocab_size, eos)
+        self.structured_outputs = (StructuredOutputs(self.tokenizer, config.model.vocab_size, eos,
+                                                     **config.structured_outputs)
                                    if self.tokenizer is not None else None)
         if cluster is None:
             self.runner = ModelRunner(config, eos)

@@ -35,8 +35,9 @@ def _one_line(e: Exception) -> str:
 class StructuredOutputs:
     """Per-engine xgrammar state; thread-safe (the server's worker pool and the step thread compile)."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], disable_any_whitespace: bool = False):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.disable_any_whitespace = disable_any_whitespace  # --structured-outputs-config's, for every request
         self.eos_token_ids = sorted(eos_token_ids)
         self._lock = threading.Lock()
         self._compiler = None
@@ -62,6 +63,7 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutputsParams, kind: str):
         c = self.compiler
+        no_space = spec.disable_any_whitespace or self.disable_any_whitespace
         if kind == "json":
             schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
             try:
@@ -70,10 +72,9 @@ class StructuredOutputs:
                 raise ValueError(f"the schema is not valid JSON ({e})") from None
             if not isinstance(parsed, (dict, bool)):
                 raise ValueError("a JSON schema must be an object")
-            return c.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace,
-                                         strict_mode=spec.strict)
+            return c.compile_json_schema(schema, any_whitespace=not no_space, strict_mode=spec.strict)
         if kind == "json_object":
-            return c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.disable_any_whitespace)
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=not no_space)
         if kind == "regex":
             return c.compile_regex(spec.regex)
         if kind == "choice":
@@ -137,19 +138,22 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], grammars: list[Sequence
     logits.index_copy_(0, idx, sub)
 
 
-def tool_call_structural_tag(tools: list[dict], choice, parallel_tool_calls: bool) -> str:
+def tool_call_structural_tag(tools: list[dict], choice, parallel_tool_calls: bool,
+                             disable_any_whitespace: bool = False) -> str:
     """The structural tag (JSON) that forces GLM-4.7 / GLM-5 tool calls
     (``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>``) whose arguments
     follow each tool's parameter schema: one call of the named tool (choice a name), or under
     "required" one or more calls (just one without parallel_tool_calls) and no other text.
 
     tools: OpenAI function tools ({"type": "function", "function": {name, parameters}}).
-    The markers are matched as the tokenizer's dedicated special tokens (what the glm47 parser reads)."""
+    The markers are matched as the tokenizer's dedicated special tokens (what the glm47 parser reads).
+    disable_any_whitespace: at most one whitespace character (GLM's newline) between the parts."""
+    ws = 1 if disable_any_whitespace else None
     import xgrammar as xgr
     from xgrammar.structural_tag import OrFormat, TagFormat, TagsWithSeparatorFormat
     if isinstance(choice, str):  # "required": xgrammar's glm_4_7 tags, minus the free text around them
         st = xgr.get_model_structural_tag("glm_4_7", tools=tools, tool_choice="required", reasoning="disabled",
-                                          token_markers=True)
+                                          token_markers=True, max_whitespace_cnt=ws)
         tags = st.format.tags  # one per tool, each <tool_call> NAME ARGS </tool_call>
         call = TagFormat(begin=tags[0].begin, content=OrFormat(elements=[t.content for t in tags]), end=tags[0].end)
         st.format = TagsWithSeparatorFormat(tags=[call], separator="\n", at_least_one=True,
@@ -157,5 +161,5 @@ def tool_call_structural_tag(tools: list[dict], choice, parallel_tool_calls: boo
         return st.model_dump_json()
     st = xgr.get_model_structural_tag("glm_4_7", tools=tools, reasoning="disabled",
                                       tool_choice={"type": "function", "function": {"name": choice["name"]}},
-                                      token_markers=True)
+                                      token_markers=True, max_whitespace_cnt=ws)
     return st.model_dump_json()

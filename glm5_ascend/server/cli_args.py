@@ -24,7 +24,7 @@ IGNORED_VALUE_FLAGS = [
     "--allowed-headers", "--root-path", "--middleware", "--limit-mm-per-prompt", "--mm-processor-kwargs",
     "--override-neuron-config", "--worker-cls", "--ssl-ca-certs", "--ssl-cert-reqs", "--prefix-caching-hash-algo",
     "--long-prefill-token-threshold", "--max-long-partial-prefills", "--async-scheduling",
-    "--kv-transfer-config", "--additional-config", "--logits-processors", "--structured-outputs-config",
+    "--kv-transfer-config", "--additional-config", "--logits-processors",
     "--guided-decoding-backend", "--reasoning-parser-plugin", "--api-server-count", "--max-parallel-loading-workers",
 ]
 IGNORED_SWITCHES = [

@@ -24,6 +24,24 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool | None = False
 
 
+class StructuredOutputsRequest(_Request):
+    """vLLM's ``structured_outputs``: exactly one constraint kind (json, regex, choice, grammar,
+    json_object, structural_tag). disable_fallback, disable_additional_properties and
+    whitespace_pattern are accepted for compatibility (xgrammar is the one backend here)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool | None = False
+    disable_fallback: bool | None = False
+    disable_additional_properties: bool | None = False
+    whitespace_pattern: str | None = None
+
+
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -58,6 +76,12 @@ class _SamplingRequest(_Request):
     return_token_ids: bool | None = None
     request_id: str | None = None
     priority: int | None = 0
+    structured_outputs: StructuredOutputsRequest | None = None
+    # Older vLLM's structured-output fields, read when structured_outputs is absent.
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self):

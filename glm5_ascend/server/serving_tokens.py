@@ -20,6 +20,7 @@ from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.chat_template import render_chat
 from glm5_ascend.server.errors import BadRequest, NotFound
 from glm5_ascend.server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from glm5_ascend.server.structured import request_constraint
 
 # Request fields whose server-side default may come from the model's generation_config.json.
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -192,11 +193,7 @@ class ServingContext:
                              param="n")
         if req.priority:
             raise BadRequest(f"Got priority {req.priority} but Priority scheduling is not enabled.", param="priority")
-        fmt = (req.response_format or {}).get("type") if isinstance(req.response_format, dict) else None
-        if fmt not in (None, "text"):
-            raise BadRequest(f"response_format type {fmt!r} is not supported: this server has no structured "
-                             "output (guided decoding); drop response_format or use type 'text'.",
-                             param="response_format")
+        constraint = request_constraint(self, req)  # compiles it: call from the worker pool
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None:
                 asked = self.vocab_size if value == -1 else value
@@ -221,7 +218,8 @@ class ServingContext:
                 skip_special_tokens=(bool(req.skip_special_tokens) if skip_special_tokens is None
                                      else skip_special_tokens),
                 spaces_between_special_tokens=bool(req.spaces_between_special_tokens),
-                logit_bias=self._logit_bias(req.logit_bias), allowed_token_ids=self._allowed(req.allowed_token_ids))
+                logit_bias=self._logit_bias(req.logit_bias), allowed_token_ids=self._allowed(req.allowed_token_ids),
+                structured_outputs=constraint)
         except ValueError as e:
             raise BadRequest(str(e)) from None
 

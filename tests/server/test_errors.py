@@ -107,7 +107,7 @@ def test_empty_inputs(http):
     (CMPL, {"prompt": "x", "allowed_token_ids": [99999]}, "out-of-vocab"),
     (CMPL, {"prompt": [0, 1, 99999]}, "out of vocabulary"),
     (CMPL, {"prompt": "x", "min_tokens": 10, "max_tokens": 5}, "min_tokens"),
-    (CMPL, {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    (CMPL, {"prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
     (CHAT, {"messages": USER, "tool_choice": "auto"}, "`tools` must be set"),
     (CHAT, {"messages": USER, "chat_template": "{{ messages }}"}, "trust-request-chat-template"),
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
