@@ -25,7 +25,7 @@ _EPS = 1e-5
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float]  # logprob of each sampled token
+    logprobs: list[float]  # logprob of each sampled token (0.0 where the row asks for no logprobs)
     top: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, sampled rank)
     pinned: list[tuple[list[int], list[float], list[int]] | None] | None = None  # logprob_token_ids: ids, lps, ranks
 
@@ -37,20 +37,20 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: float32 [B, V], one row per sequence being sampled (left untouched)."""
+        """logits: float32 [B, V], one row per sequence being sampled; the constrained rows are masked in
+        place (the step's logits have no other reader)."""
         B, V = logits.shape
-        logits = logits.clone()
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
         if constrained:
             apply_bitmask(logits, constrained, [seqs[i].grammar for i in constrained])
-        raw = torch.log_softmax(logits, dim=-1)
-        self._mask_and_bias(logits, seqs, V)
-        self._penalize(logits, seqs, V)
-        tokens = logits.argmax(dim=-1)
+        work = logits.clone() if any(_processed(s) for s in seqs) else logits
+        self._mask_and_bias(work, seqs, V)
+        self._penalize(work, seqs, V)
+        tokens = work.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= _EPS]
         if random_rows:
-            self._draw(logits, tokens, seqs, random_rows)
-        return self._results(raw, tokens, seqs)
+            self._draw(work, tokens, seqs, random_rows)
+        return self._results(logits, tokens, seqs)
 
     # ---------------------------------------------------------------- logit processing
     def _mask_and_bias(self, logits: torch.Tensor, seqs: list[Sequence], V: int) -> None:
@@ -167,49 +167,57 @@ class Sampler:
 
     # ---------------------------------------------------------------- results, one copy to the host
     @staticmethod
-    def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        B, V = raw.shape
-        dev = raw.device
-        sampled_lp = raw.gather(1, tokens[:, None])
-        cols = [tokens[:, None].to(raw.dtype), sampled_lp]  # float32 holds ids and ranks < 2**24 exactly
+    def _results(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """Tokens, and for the rows that ask for logprobs (logprobs or logprob_token_ids) the sampled
+        token's logprob and rank, the top ones and the pinned ones, from the model's logits (after any
+        bitmask) minus their logsumexp: no [B, V] pass for rows that ask nothing. One copy to the host."""
+        B, V = logits.shape
+        dev = logits.device
         # A row pinning logprob_token_ids also reports its sampled token's rank (as logprobs=0 would).
         wants = [0 if s.params.logprobs is None and s.params.logprob_token_ids else s.params.logprobs
                  for s in seqs]
-        k = max((w or 0 for w in wants), default=0)
-        any_lp = any(w is not None for w in wants)
-        if any_lp:
-            cols.append(((raw > sampled_lp).sum(-1, keepdim=True) + 1).to(raw.dtype))
-        if k:
-            top_lp, top_ids = raw.topk(k, dim=-1)
-            cols += [top_ids.to(raw.dtype), top_lp]
-        pin_rows = [i for i, s in enumerate(seqs) if s.params.logprob_token_ids]
-        P = max((len(seqs[i].params.logprob_token_ids) for i in pin_rows), default=0)
-        if pin_rows:
-            ids = torch.zeros(B, P, dtype=torch.long)
-            for i in pin_rows:
-                pin = [min(t, V - 1) for t in seqs[i].params.logprob_token_ids]
-                ids[i, :len(pin)] = torch.tensor(pin)
-            ids = _dev(ids, dev)
-            pin_lp = raw.gather(1, ids)
-            rows = _dev(torch.tensor(pin_rows), dev)
-            asc = raw.index_select(0, rows).sort(dim=-1).values
-            pin_rank = torch.zeros_like(pin_lp)
-            pin_rank.index_copy_(0, rows, (V - torch.searchsorted(asc, pin_lp.index_select(0, rows).contiguous(),
-                                                                  right=True) + 1).to(raw.dtype))
-            cols += [pin_lp, pin_rank]
+        lp_rows = [i for i, w in enumerate(wants) if w is not None]
+        cols = [tokens[:, None].to(logits.dtype)]  # float32 holds ids and ranks < 2**24 exactly
+        k = P = 0
+        if lp_rows:
+            idx = _dev(torch.tensor(lp_rows), dev)
+            sub = logits if len(lp_rows) == B else logits.index_select(0, idx)
+            sampled = sub.gather(1, tokens.index_select(0, idx)[:, None])
+            lse = torch.logsumexp(sub, dim=-1, keepdim=True)
+            lp = [sampled - lse, ((sub > sampled).sum(-1, keepdim=True) + 1).to(sub.dtype)]
+            k = max(wants[i] for i in lp_rows)
+            if k:
+                top, top_ids = sub.topk(k, dim=-1)
+                lp += [top_ids.to(sub.dtype), top - lse]
+            P = max((len(seqs[i].params.logprob_token_ids or ()) for i in lp_rows), default=0)
+            if P:
+                ids = torch.zeros(len(lp_rows), P, dtype=torch.long)
+                for j, i in enumerate(lp_rows):
+                    pin = [min(t, V - 1) for t in seqs[i].params.logprob_token_ids or ()]
+                    ids[j, :len(pin)] = torch.tensor(pin, dtype=torch.long)
+                pin = sub.gather(1, _dev(ids, dev))
+                asc = sub.sort(dim=-1).values
+                lp += [pin - lse, (V - torch.searchsorted(asc, pin.contiguous(), right=True) + 1).to(sub.dtype)]
+            lp = torch.cat(lp, dim=1)
+            cols.append(lp if len(lp_rows) == B else torch.zeros(B, lp.shape[1], device=dev).index_copy_(0, idx, lp))
         host = torch.cat(cols, dim=1).tolist()
-        token_ids = [int(r[0]) for r in host]
-        logprobs = [r[1] for r in host]
-        top, pinned = [], []
+        token_ids, logprobs, tops, pinned = [], [], [], []
         for i, (r, w) in enumerate(zip(host, wants)):
-            top.append(None if w is None else ([int(t) for t in r[3:3 + w]], r[3 + k:3 + k + w], int(r[2])))
+            token_ids.append(int(r[0]))
+            logprobs.append(r[1] if w is not None else 0.0)  # unreported: a row without logprobs shows none
+            tops.append(None if w is None else ([int(t) for t in r[3:3 + w]], r[3 + k:3 + k + w], int(r[2])))
             pin = seqs[i].params.logprob_token_ids
-            if pin:
-                base = 2 + any_lp + 2 * k
-                pinned.append((list(pin), r[base:base + len(pin)], [int(x) for x in r[base + P:base + P + len(pin)]]))
-            else:
-                pinned.append(None)
-        return SampleResult(token_ids, logprobs, top, pinned if pin_rows else None)
+            base = 3 + 2 * k
+            pinned.append((list(pin), r[base:base + len(pin)], [int(x) for x in r[base + P:base + P + len(pin)]])
+                          if pin else None)
+        return SampleResult(token_ids, logprobs, tops, pinned if P else None)
+
+
+def _processed(seq: Sequence) -> bool:
+    """Whether the row's logits change before sampling (then the batch works on a copy)."""
+    p = seq.params
+    return bool(p.allowed_token_ids is not None or p.logit_bias or seq.num_output_tokens < p.min_tokens
+                or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
 def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -123,16 +123,21 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], grammars: list[Sequence
     The bitmasks are filled on the host (one int32 row of ceil(V / 32) words per constrained row), sent
     to the device in one copy and applied there to the constrained rows only."""
     import xgrammar as xgr
-    V = logits.shape[1]
-    bitmask = xgr.allocate_token_bitmask(len(rows), V)
+    B, V = logits.shape
+    if logits.device.type == "cpu":  # xgrammar's CPU kernel masks the indexed rows in place
+        bitmask = xgr.allocate_token_bitmask(B, V)
+        for i, g in zip(rows, grammars):
+            g.matcher.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=V, indices=rows)
+        return
+    bitmask = xgr.allocate_token_bitmask(len(rows), V)  # only the constrained rows cross to the device
     for j, g in enumerate(grammars):
         g.matcher.fill_next_token_bitmask(bitmask, j)
-    if logits.device.type != "cpu":
-        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    if len(rows) == logits.shape[0]:
+    bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    if len(rows) == B:
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=V)
         return
-    idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+    idx = torch.tensor(rows, dtype=torch.long).pin_memory().to(logits.device, non_blocking=True)
     sub = logits.index_select(0, idx)
     xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=V)
     logits.index_copy_(0, idx, sub)
