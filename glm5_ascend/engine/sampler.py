@@ -92,39 +92,33 @@ class Sampler:
 
     @staticmethod
     def _penalize(logits: torch.Tensor, seqs: list[Sequence], V: int) -> None:
-        """Repetition (prompt and output tokens), frequency and presence penalties of the rows that
-        set any, as one batch: output-token counts and seen-masks built by scatter."""
-        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-                or s.params.presence_penalty or s.params.frequency_penalty]
-        if not rows:
-            return
-        dev = logits.device
-        out_r, out_t, seen_r, seen_t, scal = [], [], [], [], []
-        for j, i in enumerate(rows):
-            seq, p = seqs[i], seqs[i].params
-            out = [t for t in seq.output_ids if t < V]
-            out_r.extend([j] * len(out))
-            out_t.extend(out)
+        """Repetition (prompt and output tokens), frequency and presence penalties, for the rows that set
+        any: scatters over the flat (row, token) positions of those tokens only, never a [B, V] pass."""
+        rep_pos, rep_val, out_pos, freq, pres = [], [], [], [], []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+                continue
+            out = [i * V + t for t in seq.output_ids if t < V]
             if p.repetition_penalty != 1.0:
-                prompt = [t for t in seq.token_ids[: seq.num_prompt_tokens] if t < V]
-                seen_r.extend([j] * len(prompt))
-                seen_t.extend(prompt)
-            scal.append((p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
-        idx = _dev(torch.tensor(rows), dev)
-        sub = logits.index_select(0, idx)
-        counts = torch.zeros_like(sub)
-        if out_r:
-            counts.index_put_((_dev(torch.tensor(out_r), dev), _dev(torch.tensor(out_t), dev)),
-                              torch.ones(len(out_r), device=dev, dtype=sub.dtype), accumulate=True)
-        seen = counts > 0
-        if seen_r:
-            seen[_dev(torch.tensor(seen_r), dev), _dev(torch.tensor(seen_t), dev)] = True
-        rep, freq, pres = _dev(torch.tensor(scal, dtype=sub.dtype), dev).unbind(1)
-        rep = rep[:, None]
-        penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalized, sub)  # rows with repetition_penalty 1 are unchanged here
-        sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(sub.dtype)
-        logits.index_copy_(0, idx, sub)
+                seen = set(out).union(i * V + t for t in seq.token_ids[: seq.num_prompt_tokens] if t < V)
+                rep_pos.extend(seen)
+                rep_val.extend([p.repetition_penalty] * len(seen))
+            if p.frequency_penalty or p.presence_penalty:
+                out_pos.extend(out)
+                freq.extend([-p.frequency_penalty] * len(out))
+                pres.extend((pos, -p.presence_penalty) for pos in set(out))
+        flat, dev = logits.view(-1), logits.device
+        if rep_pos:
+            pos = _dev(torch.tensor(rep_pos, dtype=torch.long), dev)
+            rep = _dev(torch.tensor(rep_val, dtype=logits.dtype), dev)
+            vals = flat.index_select(0, pos)
+            flat.index_copy_(0, pos, torch.where(vals > 0, vals / rep, vals * rep))
+        if out_pos:
+            flat.index_add_(0, _dev(torch.tensor(out_pos, dtype=torch.long), dev),
+                            _dev(torch.tensor(freq, dtype=logits.dtype), dev))
+            flat.index_add_(0, _dev(torch.tensor([q for q, _ in pres], dtype=torch.long), dev),
+                            _dev(torch.tensor([v for _, v in pres], dtype=logits.dtype), dev))
 
     # ---------------------------------------------------------------- random sampling
     def _draw(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
@@ -140,8 +134,12 @@ class Sampler:
         use_top_k = any(0 < p.top_k < V for p in params)
         use_top_p = any(p.top_p < 1.0 for p in params)
         if use_min_p or use_top_k or use_top_p:
-            # One sort serves all three: each keeps a prefix of the sorted order.
-            sp, order = probs.sort(dim=-1, descending=True)
+            # One sort serves all three: each keeps a prefix of the sorted order. When every row has a
+            # top_k, that prefix is at most the largest k long: a partial sort (topk) is enough.
+            if all(0 < p.top_k < V for p in params):
+                sp, order = probs.topk(max(p.top_k for p in params), dim=-1)
+            else:
+                sp, order = probs.sort(dim=-1, descending=True)
             if use_min_p:
                 sp = sp.masked_fill(sp < min_p[:, None] * sp[:, :1], 0.0)
             if use_top_k:
