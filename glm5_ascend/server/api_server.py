@@ -1,16 +1,12 @@
-"""The FastAPI app: its assembly from `serve`'s flags, vLLM's routes, error bodies, API-key check, and the
-engine's lifespan."""
+"""The FastAPI app: vLLM's routes, error bodies, API-key check, and the engine's lifespan (assembly.py builds
+it from `serve`'s flags)."""
 from __future__ import annotations
 
-import argparse
 import asyncio
-import copy
 import hmac
-import json
 import logging
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -159,77 +155,6 @@ class _App:
         except Exception as e:  # noqa: BLE001 - after the 200 an error is one data: event
             yield sse_error(_as_api_error(e))
         yield "data: [DONE]\n\n"
-
-
-_GEN_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
-def generation_defaults(args: argparse.Namespace, model_dir: str) -> dict:
-    """Sampling defaults from generation_config.json (vLLM's --generation-config auto), plus overrides."""
-    raw: dict = {}
-    if args.generation_config != "vllm":
-        folder = Path(model_dir if args.generation_config == "auto" else args.generation_config)
-        path = folder / "generation_config.json"
-        if path.is_file():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e}); fix it or pass --generation-config vllm") from None
-        elif args.generation_config != "auto":
-            raise ValueError(f"--generation-config {args.generation_config}: no generation_config.json there")
-    raw.update(args.override_generation_config or {})
-    out = {_GEN_KEYS[k]: v for k, v in raw.items() if k in _GEN_KEYS and v is not None}
-    if out:
-        logger.info("Default sampling parameters from the generation config: %s", out)
-    return out
-
-
-def build_app_from_args(args: argparse.Namespace, engine) -> FastAPI:
-    """The app over a started engine (LLMEngine or DPEngine), from `serve`'s flags (no server started yet)."""
-    from glm5_ascend import envs
-    from glm5_ascend.engine.async_engine import AsyncEngine
-    from glm5_ascend.server.chat_template import default_template, load_chat_template
-
-    model = engine.config.model_path
-    override_template = load_chat_template(args.chat_template)
-    defaults = generation_defaults(args, model)
-    if engine.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer and the server needs one (chat templates, text "
-                         "prompts, detokenized output); pass --tokenizer DIR")
-    try:  # the server's own tokenizer: the step thread keeps the engine's to itself
-        tokenizer = copy.deepcopy(engine.tokenizer)
-    except Exception:  # noqa: BLE001 - sharing is safe for encode/decode, only slower under contention
-        tokenizer = engine.tokenizer
-    # vLLM names the model as given on the command line; the built-in one goes by its cache name.
-    names = args.served_model_name or [args.model_tag or args.model or Path(model).name]
-    metrics_holder: list = []
-    async_engine = AsyncEngine(engine, on_request_done=lambda s: metrics_holder[0].observe(s))
-    ctx_holder: list = []
-    metrics = Metrics(names[0], engine.max_model_len, lambda: {
-        **async_engine.stats, "tokenize_seconds": ctx_holder[0].tokenize_seconds if ctx_holder else 0.0})
-    metrics_holder.append(metrics)
-    ctx = ServingContext(
-        engine=async_engine, tokenizer=tokenizer, served_names=names, model_path=str(model),
-        max_model_len=engine.max_model_len, vocab_size=engine.config.model.vocab_size,
-        kv_capacity_tokens=engine.kv_capacity_tokens, max_num_seqs=engine.config.scheduler.max_num_seqs,
-        max_logprobs=args.max_logprobs, default_sampling={k: v for k, v in defaults.items() if k != "max_tokens"},
-        default_max_tokens=defaults.get("max_tokens"), chat_template=default_template(tokenizer, override_template),
-        tool_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        enable_auto_tool_choice=args.enable_auto_tool_choice,
-        trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-        default_chat_template_kwargs=args.default_chat_template_kwargs or {})
-    ctx_holder.append(ctx)
-    from glm5_ascend.server.limits import RequestLimitMiddleware, default_body_limit, prompt_char_bound
-    ctx.max_prompt_chars = prompt_char_bound(tokenizer, engine.max_model_len)
-    ctx.start_pool(args.tokenizer_pool_size)
-    body_limit = args.max_request_body_bytes or default_body_limit(ctx.max_prompt_chars, engine.max_model_len)
-    logger.info("Requests: texts over %d characters are refused untokenized; bodies over %d bytes get 413",
-                ctx.max_prompt_chars, body_limit)
-    app = build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
-    app.add_middleware(RequestLimitMiddleware, max_body=body_limit, max_headers=args.h11_max_header_count)
-    return app
 
 
 def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None = None,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='show logprob tokens as "token_id:N"')
     p.add_argument("--enable-log-requests", action="store_true", help="log each request's fields (first 2000 chars)")
+    taken = set(p._option_string_actions)  # a flag the engine has come to implement is no longer ignored
     for flag in IGNORED_VALUE_FLAGS:
-        p.add_argument(flag, action=_Once, help=argparse.SUPPRESS)
+        if flag not in taken:
+            p.add_argument(flag, action=_Once, help=argparse.SUPPRESS)
     for flag in IGNORED_SWITCHES:
-        p.add_argument(flag, action="store_true", dest=f"ignored_{flag[2:].replace('-', '_')}",
-                       help=argparse.SUPPRESS)
+        if flag not in taken:
+            p.add_argument(flag, action="store_true", dest=f"ignored_{flag[2:].replace('-', '_')}",
+                           help=argparse.SUPPRESS)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -174,68 +175,5 @@ def main(args: argparse.Namespace) -> int:
                     config.parallel.first_rank + config.parallel.num_local_ranks - 1, config.parallel.world_size)
         return run_node(config)
     _check_port_free(args.host, args.port)
-    import uvicorn
-
-    from glm5_ascend.engine.executor import start_engine
-    from glm5_ascend.server.api_server import build_app_from_args
-    engine = start_engine(config)
-    server = None
-    try:
-        app = build_app_from_args(args, engine)
-        server = _server_class(uvicorn)(uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-            access_log=not args.ignored_disable_uvicorn_access_log, timeout_keep_alive=5,
-            # a backstop only: the app ends every request when the grace period is over
-            timeout_graceful_shutdown=args.shutdown_timeout + 10, ssl_keyfile=args.ssl_keyfile,
-            http="h11", h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-            ssl_certfile=args.ssl_certfile), app.state.app, args.shutdown_timeout)
-        async_engine = app.state.app.ctx.engine
-        if config.parallel.world_size > 1:  # a dead rank ends the server: 503 first, for the balancers
-            async_engine.on_dead = lambda reason: _exit_soon(server)
-            engine.cluster.on_fault(async_engine.kill)
-        logger.info("Serving on http://%s:%d", args.host, args.port)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            server.run()
-    finally:
-        engine.shutdown()
-    dead = app.state.app.ctx.engine.dead_reason
-    if dead and config.parallel.world_size > 1:
-        print(f"glm5-ascend: error: {dead}; the server stopped", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-def _server_class(uvicorn):
-    """uvicorn.Server whose signals drain the app instead of waiting on (or cancelling) its streams."""
-
-    class Server(uvicorn.Server):
-        def __init__(self, config, state, grace: float):
-            super().__init__(config)
-            self.state, self.grace, self.loop = state, grace, None
-
-        async def serve(self, sockets=None) -> None:
-            import asyncio
-            self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame) -> None:
-            """First SIGTERM / Ctrl-C: stop accepting, give requests in flight the grace period, then end them
-            with an error; a second: end them now. Never force_exit (it skips the engine's shutdown and leaves
-            tasks to be cancelled with tracebacks). uvicorn re-raises the signals once stopped."""
-            self._captured_signals.append(sig)
-            first = not self.should_exit
-            self.should_exit = True
-            if self.loop is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.state.begin_shutdown if first else self.state.abort_all,
-                                               *((self.grace,) if first else ()))
-
-    return Server
-
-
-def _exit_soon(server, delay: float = 5.0) -> None:
-    """Stop serving after `delay` s, in which /health answers 503."""
-    import threading
-    timer = threading.Timer(delay, lambda: setattr(server, "should_exit", True))
-    timer.daemon = True
-    timer.start()
+    from glm5_ascend.server.assembly import run_server
+    return run_server(args, config)

@@ -6,7 +6,6 @@ what a client would see.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,9 +13,9 @@ from dataclasses import dataclass
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.errors import BadRequest
 from glm5_ascend.server.limits import text_chars
+from glm5_ascend.server.outputs import ChoiceStream, chat_logprobs, prompt_logprobs_json, sse, stream_usage, usage
 from glm5_ascend.server.protocol import ChatCompletionRequest, NamedToolChoice
 from glm5_ascend.server.reasoning import get_reasoning_parser
-from glm5_ascend.server.serving_completion import logprob_value, prompt_logprobs_json
 from glm5_ascend.server.serving_tokens import ServingContext
 from glm5_ascend.server.tool_parsers import get_tool_parser
 
@@ -173,16 +172,7 @@ class ChatServing:
         return reason
 
     def _logprobs(self, req, token_ids: list[int], entries: list) -> dict:
-        ctx, as_id, k = self.ctx, self.ctx.as_ids(req), req.top_logprobs or 0
-        content = []
-        for tid, entry in zip(token_ids, entries):
-            token = ctx.token_text(tid, as_id)
-            tops = [{"token": (t := ctx.token_text(other, as_id)), "logprob": logprob_value(lp.logprob),
-                     "bytes": list(t.encode("utf-8", errors="replace"))}
-                    for i, (other, lp) in enumerate(entry.items()) if i < k or k == -1]
-            content.append({"token": token, "logprob": logprob_value(entry[tid].logprob),
-                            "bytes": list(token.encode("utf-8", errors="replace")), "top_logprobs": tops})
-        return {"content": content}
+        return chat_logprobs(self.ctx, token_ids, entries, req.top_logprobs or 0, self.ctx.as_ids(req))
 
     # ---------------------------------------------------------------- one response
     async def _prepare(self, req: ChatCompletionRequest) -> _Prepared:
@@ -216,10 +206,8 @@ class ChatServing:
             if req.return_token_ids:
                 choice["token_ids"] = list(o.token_ids)
             choices.append(choice)
-        usage = {"prompt_tokens": len(prep.ids), "completion_tokens": completion_tokens,
-                 "total_tokens": len(prep.ids) + completion_tokens, "prompt_tokens_details": None}
         body = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": usage, "system_fingerprint": None,
+                "choices": choices, "usage": usage(len(prep.ids), completion_tokens), "system_fingerprint": None,
                 "prompt_logprobs": (prompt_logprobs_json(self.ctx, final.prompt_logprobs)
                                     if req.prompt_logprobs is not None else None)}
         if req.return_token_ids:
@@ -234,9 +222,7 @@ class ChatServing:
 
     async def _events(self, req, prep: _Prepared, request_id: str, model: str) -> AsyncIterator[str]:
         ctx, created, n = self.ctx, int(time.time()), prep.params.n
-        opts = req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts.continuous_usage_stats)
+        include_usage, continuous = stream_usage(req.stream_options)
         n_prompt = len(prep.ids)
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
@@ -247,8 +233,7 @@ class ChatServing:
                 choice["stop_reason"] = stop_reason
             if tokens is not None:
                 choice["token_ids"] = tokens
-            body = {**head, "choices": [choice], "usage": _usage(n_prompt, n_tokens) if continuous else None}
-            return _sse(body)
+            return sse({**head, "choices": [choice], "usage": usage(n_prompt, n_tokens) if continuous else None})
 
         def opening():
             for i in range(n):
@@ -257,7 +242,7 @@ class ChatServing:
                     yield chunk(i, {"content": prep.echo_text})
 
         parsers = [self._parser(req, prep) for _ in range(n)]
-        sent_text, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        states = [ChoiceStream() for _ in range(n)]
         opened = False
         async for out in ctx.engine.generate(prep.ids, prep.params, ctx.engine_id(request_id)):
             if not opened:  # like vLLM, the role chunk comes with the first output, after prefill
@@ -265,19 +250,15 @@ class ChatServing:
                 for c in opening():
                     yield c
             for o in out.outputs:
-                i = o.index
-                if done[i]:
+                i, state = o.index, states[o.index]
+                if state.done:
                     continue
-                text = o.text
-                parts = parsers[i].feed(text[sent_text[i]:])
-                new_ids = o.token_ids[sent_tokens[i]:]
-                entries = (o.logprobs or [])[sent_tokens[i]:]
-                sent_text[i], sent_tokens[i] = len(text), len(o.token_ids)
+                delta, new_ids, entries = state.advance(o)
+                parts = parsers[i].feed(delta)
                 logprobs = self._logprobs(req, new_ids, entries) if req.logprobs and new_ids else None
-                tokens = list(new_ids) if req.return_token_ids else None
+                tokens = new_ids if req.return_token_ids else None
                 reason = None
                 if o.finish_reason:
-                    done[i] = True
                     _merge(parts, parsers[i].finish())
                     reason = self._finish_reason(req, o.finish_reason, parsers[i].called_tools, True)
                 if req.parallel_tool_calls is False:
@@ -285,14 +266,4 @@ class ChatServing:
                 if parts or logprobs or reason:  # a held-back delta still reports its tokens' logprobs
                     yield chunk(i, delta_message(parts), reason, o.stop_reason, logprobs, tokens, len(o.token_ids))
         if include_usage:
-            completion = sum(sent_tokens)
-            yield _sse({**head, "choices": [], "usage": _usage(n_prompt, completion)})
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
+            yield sse({**head, "choices": [], "usage": usage(n_prompt, sum(s.tokens for s in states))})

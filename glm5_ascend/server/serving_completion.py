@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,11 +9,9 @@ from dataclasses import dataclass
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.sequence import RequestOutput
 from glm5_ascend.server.errors import BadRequest
+from glm5_ascend.server.outputs import ChoiceStream, completion_logprobs, prompt_logprobs_json, sse, stream_usage, usage
 from glm5_ascend.server.protocol import CompletionRequest
 from glm5_ascend.server.serving_tokens import ServingContext
-
-NEG_INF = -9999.0  # what OpenAI shows for a -inf logprob
-
 
 @dataclass
 class _Prompt:
@@ -22,39 +19,6 @@ class _Prompt:
     ids: list[int]
     params: SamplingParams
     echo_only: bool = False  # echo with max_tokens=0 (scoring a prompt): one token is run, none is shown
-
-
-def logprob_value(lp: float) -> float:
-    return max(lp, NEG_INF)
-
-
-def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list, num: int, offset: int,
-                        as_id: bool) -> dict:
-    """OpenAI's completion logprobs ({text_offset, token_logprobs, tokens, top_logprobs}) for token_ids."""
-    offsets, token_lps, tokens, tops = [], [], [], []
-    for tid, entry in zip(token_ids, entries):
-        token = ctx.token_text(tid, as_id)
-        if entry is None:  # the first prompt token has no logprob
-            token_lps.append(None)
-            tops.append(None)
-        else:
-            token_lps.append(logprob_value(entry[tid].logprob))
-            # The sampled token comes first, then the top ones: up to num + 1 entries (vLLM's rule).
-            tops.append({ctx.token_text(t, as_id): logprob_value(lp.logprob)
-                         for i, (t, lp) in enumerate(entry.items()) if i <= num})
-        offsets.append(offset)
-        offset += len(token)
-        tokens.append(token)
-    return {"text_offset": offsets, "token_logprobs": token_lps, "tokens": tokens, "top_logprobs": tops}
-
-
-def prompt_logprobs_json(ctx: ServingContext, entries: list | None) -> list | None:
-    """vLLM's prompt_logprobs: per prompt token, {token_id: {logprob, rank, decoded_token}} (first is null)."""
-    if entries is None:
-        return None
-    return [None if e is None else {str(t): {"logprob": logprob_value(lp.logprob), "rank": lp.rank,
-                                             "decoded_token": ctx.token_text(t)} for t, lp in e.items()}
-            for e in entries]
 
 
 async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -150,7 +114,7 @@ class CompletionServing:
                 choices.append(self._choice(req, p, out, o, i * p.params.n + o.index))
         n_prompt = sum(len(p.ids) for p in prompts)
         return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": _usage(n_prompt, completion_tokens), "system_fingerprint": None}
+                "choices": choices, "usage": usage(n_prompt, completion_tokens), "system_fingerprint": None}
 
     def _choice(self, req, p: _Prompt, out: RequestOutput, o, index: int) -> dict:
         ctx, as_id = self.ctx, self.ctx.as_ids(req)
@@ -179,66 +143,43 @@ class CompletionServing:
         return self._events(req, request_id, model, prompts, outputs)
 
     async def _events(self, req, request_id, model, prompts, outputs) -> AsyncIterator[str]:
-        ctx, created = self.ctx, int(time.time())
-        opts = req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts.continuous_usage_stats)
+        ctx, created, as_id = self.ctx, int(time.time()), self.ctx.as_ids(req)
+        include_usage, continuous = stream_usage(req.stream_options)
         n = prompts[0].params.n
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        offsets: dict[int, int] = {}
-        finished: set[int] = set()
-        completion_tokens: dict[int, int] = {}
+        head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+        states: dict[int, ChoiceStream] = {}
+        offsets: dict[int, int] = {}  # text_offset of each choice's next logprob token
         async for i, out in outputs:
             p = prompts[i]
             for o in out.outputs:
                 index = i * n + o.index
-                if index in finished:
+                state = states.setdefault(index, ChoiceStream())
+                if state.done:
                     continue
-                first = index not in sent_text
-                text = o.text
-                if p.echo_only:
-                    text = ""
-                delta = text[sent_text.get(index, 0):]
-                new_ids = [] if p.echo_only else o.token_ids[sent_tokens.get(index, 0):]
+                delta, new_ids, entries = state.advance(o)
+                if p.echo_only:  # the one token run to score the prompt is not shown
+                    delta, new_ids, entries = "", [], []
                 if not delta and not new_ids and not o.finish_reason:
                     continue
+                first, state.started = not state.started, True
                 prefix = self._prompt_text(p) if req.echo and first else ""
                 logprobs = None
                 if req.logprobs is not None:
-                    ids = list(new_ids)
-                    entries = [] if p.echo_only else list((o.logprobs or [])[sent_tokens.get(index, 0):])
+                    ids = new_ids
                     if req.echo and first:
                         ids = p.ids + ids
                         entries = list(out.prompt_logprobs or [None] * len(p.ids)) + entries
-                    logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, offsets.get(index, 0),
-                                                   self.ctx.as_ids(req))
+                    logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, offsets.get(index, 0), as_id)
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
-                sent_text[index], sent_tokens[index] = len(text), len(o.token_ids)
-                completion_tokens[index] = len(o.token_ids)
-                if o.finish_reason:
-                    finished.add(index)
                 choice = {"index": index, "text": prefix + delta, "logprobs": logprobs,
                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
                 if req.return_token_ids:
-                    choice["token_ids"] = list(new_ids)
+                    choice["token_ids"] = new_ids
                     if first:
                         choice["prompt_token_ids"] = list(p.ids)
-                chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                         "choices": [choice], "usage": None}
-                if continuous:
-                    chunk["usage"] = _usage(len(p.ids), len(o.token_ids))
-                yield _sse(chunk)
+                body = {**head, "choices": [choice],
+                        "usage": usage(len(p.ids), len(o.token_ids)) if continuous else None}
+                yield sse(body)
         if include_usage:
-            usage = _usage(sum(len(p.ids) for p in prompts), sum(completion_tokens.values()))
-            yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [], "usage": usage})
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
+            total = usage(sum(len(p.ids) for p in prompts), sum(s.tokens for s in states.values()))
+            yield sse({**head, "choices": [], "usage": total})
