@@ -43,6 +43,10 @@ class RequestStats:
     finished: float
     inter_token_latencies: list[float] = field(default_factory=list)
     choice_generation_tokens: list[int] = field(default_factory=list)  # per choice (n > 1)
+    n: int = 1  # the request's sampling parameters, for vllm:request_params_*
+    max_tokens: int | None = None
+    choice_preemptions: list[int] = field(default_factory=list)  # per choice
+    last_token: float | None = None
 
 
 @dataclass
@@ -51,6 +55,8 @@ class _Track:
 
     prompt_tokens: int
     arrival: float
+    n: int = 1
+    max_tokens: int | None = None
     last_token_time: float | None = None
     itl: list[float] = field(default_factory=list)
 
@@ -66,6 +72,7 @@ class AsyncEngine:
         self.engine = engine
         self.on_request_done = on_request_done
         self.on_dead = on_dead  # called once, with the reason, when the engine dies
+        self.on_step: Callable[[int], None] | None = None  # tokens each engine step ran (metrics)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}  # event-loop side
@@ -201,7 +208,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - bad input: fail this request only
             self._deliver([(rid, e if isinstance(e, ValueError) else EngineError(str(e)))])
             return
-        self._tracks[rid] = _Track(len(ids), arrival)
+        self._tracks[rid] = _Track(len(ids), arrival, params.n, params.max_tokens)
 
     def _abort(self, rid: str) -> None:
         out = self.engine.abort_request(rid)
@@ -221,6 +228,12 @@ class AsyncEngine:
             self._fail_all(EngineError(f"the engine failed while running this request: {type(e).__name__}: {e}"))
             return
         now = time.monotonic()
+        tokens = getattr(self.engine, "last_step_tokens", 0)
+        if tokens and self.on_step is not None:
+            try:
+                self.on_step(tokens)
+            except Exception:  # noqa: BLE001 - metrics must never take the loop down
+                logger.exception("metrics callback failed")
         items = []
         for out in outputs:
             track = self._tracks.get(out.request_id)
@@ -256,7 +269,8 @@ class AsyncEngine:
             out.request_id, track.prompt_tokens, sum(len(o.token_ids) for o in out.outputs),
             [o.finish_reason or "abort" for o in out.outputs], track.arrival,
             m.first_scheduled_time if m else None, m.first_token_time if m else None, now, track.itl,
-            [len(o.token_ids) for o in out.outputs])
+            [len(o.token_ids) for o in out.outputs], track.n, track.max_tokens,
+            list(m.num_preemptions) if m else [], track.last_token_time)
         try:
             self.on_request_done(stats)
         except Exception:  # noqa: BLE001 - metrics must never take the loop down

@@ -181,6 +181,7 @@ class LLMEngine:
         expert-parallel collectives (DP groups in lockstep)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.last_step_tokens = sum(batch.num_tokens) if batch else 0  # vllm:iteration_tokens_total
         t1 = time.perf_counter()
         self.step_seconds["schedule"] += t1 - t0
         if not batch and not idle_forward:
@@ -312,6 +313,7 @@ class LLMEngine:
         m = req.metrics
         m.first_token_time = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
         m.first_scheduled_time = min((s.first_scheduled for s in req.seqs if s.first_scheduled), default=None)
+        m.num_preemptions = [s.num_preemptions for s in req.seqs]
         if finished:
             m.finished_time = time.monotonic()
         first = req.seqs[0]

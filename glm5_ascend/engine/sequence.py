@@ -57,6 +57,7 @@ class Sequence:
         self.arrival = arrival if arrival is not None else time.monotonic()
         self.first_scheduled: float | None = None
         self.first_token_time: float | None = None
+        self.num_preemptions = 0  # times preempted and queued for recompute
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +77,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Preempted: drop the KV cache; prompt and generated tokens are recomputed later."""
+        self.num_preemptions += 1
         self.num_computed_tokens = 0
         self.block_table = []
         self.num_registered_blocks = 0
@@ -105,6 +107,7 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_preemptions: list[int] = field(default_factory=list)  # per choice
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
 from contextlib import asynccontextmanager
@@ -62,6 +63,26 @@ class _LoadMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.state.load -= 1
+
+
+class _RequestIdMiddleware:
+    """--enable-request-id-headers: every response carries X-Request-Id, the client's own or a new one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+            await send(message)
+        await self.app(scope, receive, send_with_id)
 
 
 def _as_api_error(e: BaseException) -> APIError:
@@ -157,9 +178,10 @@ class _App:
         yield "data: [DONE]\n\n"
 
 
-def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None = None,
-              docs: bool = True) -> FastAPI:
-    """The app; its lifespan starts and stops the AsyncEngine's step thread."""
+def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None = None, docs: bool = True,
+              root_path: str = "", request_id_headers: bool = False, tokenizer_info: bool = False) -> FastAPI:
+    """The app; its lifespan starts and stops the AsyncEngine's step thread. root_path, request_id_headers and
+    tokenizer_info are vLLM's --root-path, --enable-request-id-headers and --enable-tokenizer-info-endpoint."""
     state = _App(ctx, metrics)
 
     @asynccontextmanager
@@ -173,7 +195,7 @@ def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None 
                 ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="glm5-ascend", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="glm5-ascend", version=__version__, lifespan=lifespan, root_path=root_path,
                   description="vLLM-compatible OpenAI API serving GLM-5.", **hidden)
     app.state.app = state
     _install_error_handlers(app)
@@ -182,8 +204,41 @@ def build_app(ctx: ServingContext, metrics: Metrics, api_keys: list[str] | None 
     app.add_middleware(_LoadMiddleware, state=state)
     if api_keys:
         app.add_middleware(_ApiKeyMiddleware, keys=api_keys)
+    if request_id_headers:
+        app.add_middleware(_RequestIdMiddleware)
     _add_routes(app, state)
+    if tokenizer_info:
+        _add_tokenizer_info(app, ctx)
     return app
+
+
+def _invocation_kind(raw: bytes) -> str:
+    """Which generation route an /invocations body is for (in the pool: it decodes the JSON)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body could not be parsed (invalid UTF-8 or JSON); send UTF-8 JSON.") from None
+    if isinstance(data, dict) and "messages" in data:
+        return "chat"
+    if isinstance(data, dict) and "prompt" in data:
+        return "completion"
+    raise BadRequest("/invocations takes a chat completion body (with `messages`) or a completion body (with "
+                     "`prompt`); this one has neither.")
+
+
+def _add_tokenizer_info(app: FastAPI, ctx: ServingContext) -> None:
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer's class and its JSON-serializable init settings, plus the chat template in use."""
+        tok = ctx.tokenizer
+        info = {"tokenizer_class": type(tok).__name__}
+        for key, value in (getattr(tok, "init_kwargs", None) or {}).items():
+            if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
+                info[key] = value
+            elif hasattr(value, "content"):  # AddedToken
+                info[key] = str(value.content)
+        info["chat_template"] = ctx.chat_template
+        return JSONResponse(json.loads(json.dumps(info, default=str)))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -270,6 +325,18 @@ def _add_routes(app: FastAPI, s: _App) -> None:
         except APIError as e:
             return api_error_response(e)
         return await s.generate(request, req, s.chat, "chatcmpl")
+
+    @app.post("/invocations", responses={200: {"model": P.ChatCompletionResponse}, **_ERRORS})
+    async def invocations(request: Request):
+        """SageMaker's route, as vLLM serves it: a chat body (`messages`) or a completion body (`prompt`)."""
+        try:
+            head = await ctx.off_loop(_invocation_kind, await request.body())
+            body, prefix, serving = ((chat_body, "chatcmpl", s.chat) if head == "chat"
+                                     else (cmpl_body, "cmpl", s.completions))
+            req = await read_body(request, body, ctx.off_loop)
+        except APIError as e:
+            return api_error_response(e)
+        return await s.generate(request, req, serving, prefix)
 
     @app.post("/tokenize", responses={200: {"model": P.TokenizeResponse}, **_ERRORS},
               openapi_extra=tok_body.openapi())

@@ -49,6 +49,14 @@ def _server_tokenizer(engine):
         return engine.tokenizer
 
 
+def _cache_info(engine) -> dict:
+    """vllm:cache_config_info's labels: the cache configuration, as strings."""
+    cache = engine.config.cache
+    return {"block_size": cache.block_size, "cache_dtype": "auto", "enable_prefix_caching": cache.enable_prefix_caching,
+            "gpu_memory_utilization": cache.gpu_memory_utilization,
+            "num_gpu_blocks": engine.kv_capacity_tokens // cache.block_size, "engine": 0}
+
+
 def build_app_from_args(args: argparse.Namespace, engine):
     """The app over a started engine (LLMEngine or DPEngine), from `serve`'s flags (no server started yet)."""
     from glm5_ascend import envs
@@ -76,16 +84,21 @@ def build_app_from_args(args: argparse.Namespace, engine):
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-        default_chat_template_kwargs=args.default_chat_template_kwargs or {})
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {},
+        force_include_usage=args.enable_force_include_usage, prompt_tokens_details=args.enable_prompt_tokens_details,
+        per_request_metrics=args.enable_per_request_metrics)
     metrics = Metrics(names[0], engine.max_model_len,
-                      lambda: {**async_engine.stats, "tokenize_seconds": ctx.tokenize_seconds})
+                      lambda: {**async_engine.stats, "tokenize_seconds": ctx.tokenize_seconds}, _cache_info(engine))
     async_engine.on_request_done = metrics.observe
+    async_engine.on_step = metrics.observe_step
     ctx.max_prompt_chars = prompt_char_bound(tokenizer, engine.max_model_len)
     ctx.start_pool(args.tokenizer_pool_size)
     body_limit = args.max_request_body_bytes or default_body_limit(ctx.max_prompt_chars, engine.max_model_len)
     logger.info("Requests: texts over %d characters are refused untokenized; bodies over %d bytes get 413",
                 ctx.max_prompt_chars, body_limit)
-    app = build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs)
+    app = build_app(ctx, metrics, args.api_key or envs.api_keys(), docs=not args.ignored_disable_fastapi_docs,
+                    root_path=args.root_path or "", request_id_headers=args.enable_request_id_headers,
+                    tokenizer_info=args.enable_tokenizer_info_endpoint)
     app.add_middleware(RequestLimitMiddleware, max_body=body_limit, max_headers=args.h11_max_header_count)
     return app
 

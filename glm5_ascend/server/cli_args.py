@@ -19,7 +19,7 @@ IGNORED_VALUE_FLAGS = [
     "--compilation-config", "--chat-template-content-format",
     "--tool-parser-plugin", "--hf-config-path", "--disable-log-stats-interval", "--max-num-partial-prefills",
     "--scheduling-policy", "--response-role", "--allowed-origins", "--allowed-methods",
-    "--allowed-headers", "--root-path", "--middleware", "--limit-mm-per-prompt", "--mm-processor-kwargs",
+    "--allowed-headers", "--middleware", "--limit-mm-per-prompt", "--mm-processor-kwargs",
     "--override-neuron-config", "--worker-cls", "--ssl-ca-certs", "--ssl-cert-reqs", "--prefix-caching-hash-algo",
     "--long-prefill-token-threshold", "--max-long-partial-prefills", "--async-scheduling",
     "--kv-transfer-config", "--additional-config", "--logits-processors",
@@ -27,11 +27,11 @@ IGNORED_VALUE_FLAGS = [
 ]
 IGNORED_SWITCHES = [
     "--disable-log-stats", "--disable-log-requests",
-    "--disable-custom-all-reduce", "--disable-frontend-multiprocessing", "--enable-prompt-tokens-details",
-    "--enable-server-load-tracking", "--enable-force-include-usage", "--disable-uvicorn-access-log",
-    "--disable-sliding-window", "--disable-cascade-attn", "--enable-request-id-headers",
+    "--disable-custom-all-reduce", "--disable-frontend-multiprocessing",
+    "--enable-server-load-tracking", "--disable-uvicorn-access-log",
+    "--disable-sliding-window", "--disable-cascade-attn",
     "--enable-log-outputs", "--disable-fastapi-docs", "--use-v2-block-manager", "--enable-sleep-mode",
-    "--no-enable-log-requests", "--enable-tokenizer-info-endpoint", "--exclude-tools-when-tool-choice-none",
+    "--no-enable-log-requests", "--exclude-tools-when-tool-choice-none",
 ]
 
 
@@ -101,6 +101,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='show logprob tokens as "token_id:N"')
     p.add_argument("--enable-log-requests", action="store_true", help="log each request's fields (first 2000 chars)")
+    p.add_argument("--enable-force-include-usage", action="store_true",
+                   help="end every stream with a usage chunk, as if stream_options.include_usage were true")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="report usage.prompt_tokens_details.cached_tokens (prompt tokens served from the prefix "
+                        "cache)")
+    p.add_argument("--enable-per-request-metrics", action="store_true",
+                   help="add a `metrics` object (time to first token, queue, generation time, mean ITL, tokens/s) "
+                        "to responses of one prompt and one choice (a stream: its final usage chunk)")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="answer every request with an X-Request-Id header (the client's own, else a new id)")
+    p.add_argument("--root-path", default=None,
+                   help="the path prefix under which a proxy serves this app (FastAPI's root_path)")
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (the tokenizer's class, config and chat template)")
     taken = set(p._option_string_actions)  # a flag the engine has come to implement is no longer ignored
     for flag in IGNORED_VALUE_FLAGS:
         if flag not in taken:

@@ -73,6 +73,10 @@ def sse_error(err: APIError) -> str:
 _UNION_MEMBER = re.compile(r"[A-Z]\w*|function-\w+\[.*\]")
 
 
+_RANGE_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                "finite_number", "too_short", "too_long"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One readable line from pydantic/FastAPI validation errors, plus the offending field."""
     parts, param = [], None
@@ -88,6 +92,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             param = None
         elif e.get("type") == "missing":
             parts.append(f"Field required: `{where}`." if where else msg)
+        elif e.get("type") in _RANGE_TYPES:  # as vLLM shows pydantic's error, its type included
+            text = f"{msg} [type={e['type']}, input_value={e.get('input')!r}]"
+            parts.append(f"{where}: {text}" if where else text)
         else:
             parts.append(f"{where}: {msg}" if where else msg)
     if len(errors) > 5:

@@ -17,6 +17,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
          40.0, 80.0, 160.0, 640.0, 2560.0]
 _ITL = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+_ITERATION = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_N = [1, 2, 5, 10, 20]
+_PREEMPTIONS = [1, 2, 3, 4, 5, 10, 20]
 _LATENCY = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
             480.0, 960.0, 1920.0, 7680.0]
 
@@ -36,9 +39,10 @@ def _sizes(max_model_len: int) -> list[float]:
 class _EngineCollector:
     """Gauges and engine-owned counters, read from the latest stats snapshot."""
 
-    def __init__(self, stats_source, model_name: str):
+    def __init__(self, stats_source, model_name: str, cache_info: dict | None):
         self.stats_source = stats_source
         self.model_name = model_name
+        self.cache_info = cache_info
 
     def collect(self):
         s = self.stats_source() or {}
@@ -59,6 +63,18 @@ class _EngineCollector:
             m = family(name, doc, labels=["model_name"])
             m.add_metric(label, float(s.get(key, 0)))
             yield m
+        # Every waiting request here waits for room (KV blocks, --max-num-seqs); none is deferred.
+        m = GaugeMetricFamily("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.",
+                              labels=["model_name", "reason"])
+        m.add_metric(label + ["capacity"], float(s.get("num_waiting", 0)))
+        m.add_metric(label + ["deferred"], 0.0)
+        yield m
+        if self.cache_info:
+            keys = sorted(self.cache_info)
+            m = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                  labels=keys)
+            m.add_metric([str(self.cache_info[k]) for k in keys], 1.0)
+            yield m
         # Not vLLM's: where the time goes, for `glm5-ascend bench serve`'s breakdown.
         c = CounterMetricFamily("glm5:engine_step_seconds", "Engine step thread wall time by phase.",
                                 labels=["model_name", "phase"])
@@ -74,7 +90,7 @@ class _EngineCollector:
 class Metrics:
     """The server's metrics; ``observe`` is the AsyncEngine's on_request_done callback (any thread)."""
 
-    def __init__(self, model_name: str, max_model_len: int, stats_source):
+    def __init__(self, model_name: str, max_model_len: int, stats_source, cache_info: dict | None = None):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, lab = self.registry, ["model_name"]
@@ -92,7 +108,22 @@ class Metrics:
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.", lab,
                                     buckets=_LATENCY, registry=r)
+        phases = {}
+        for phase, doc in (("inference", "RUNNING"), ("prefill", "PREFILL"), ("decode", "DECODE")):
+            phases[phase] = Histogram(f"vllm:request_{phase}_time_seconds",
+                                      f"Histogram of time spent in {doc} phase for request.", lab,
+                                      buckets=_LATENCY, registry=r)
+        self.inference_time, self.prefill_time, self.decode_time = (phases[k] for k in ("inference", "prefill",
+                                                                                        "decode"))
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per "
+                                          "engine_step.", lab, buckets=_ITERATION, registry=r)
+        self.params_n = Histogram("vllm:request_params_n", "Histogram of the n request parameter.", lab,
+                                  buckets=_N, registry=r)
+        self.preemptions = Histogram("vllm:request_num_preemptions", "Number of preemptions per request.", lab,
+                                     buckets=_PREEMPTIONS, registry=r)
         sizes = _sizes(max_model_len)
+        self.params_max_tokens = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens "
+                                           "request parameter.", lab, buckets=sizes, registry=r)
         self.req_prompt = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", lab,
                                     buckets=sizes, registry=r)
         self.req_generation = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
@@ -100,9 +131,15 @@ class Metrics:
         for reason in ("stop", "length", "abort"):  # present from the start, as vLLM does
             self.request_success.labels(model_name, reason)
         for series in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
-                       self.queue_time, self.req_prompt, self.req_generation):
+                       self.queue_time, self.req_prompt, self.req_generation, self.inference_time,
+                       self.prefill_time, self.decode_time, self.iteration_tokens, self.params_n,
+                       self.preemptions, self.params_max_tokens):
             series.labels(model_name)
-        r.register(_EngineCollector(stats_source, model_name))
+        r.register(_EngineCollector(stats_source, model_name, cache_info))
+
+    def observe_step(self, tokens: int) -> None:
+        """The AsyncEngine's on_step callback: tokens one engine step ran (prefill chunks + decodes)."""
+        self.iteration_tokens.labels(self.model_name).observe(tokens)
 
     def observe(self, s: RequestStats) -> None:
         """Count each of a request's n choices as one request, as vLLM (which fans n out) does."""
@@ -112,7 +149,18 @@ class Metrics:
         self.generation_tokens.labels(m).inc(s.generation_tokens)
         for reason in s.finish_reasons:
             self.request_success.labels(m, reason).inc()
-        for generated in per_choice:
+        self.params_n.labels(m).observe(s.n)
+        if s.max_tokens:
+            self.params_max_tokens.labels(m).observe(s.max_tokens)
+        last = s.last_token if s.last_token is not None else s.finished
+        for i, generated in enumerate(per_choice):
+            self.preemptions.labels(m).observe(s.choice_preemptions[i] if i < len(s.choice_preemptions) else 0)
+            if s.first_scheduled is not None:
+                self.inference_time.labels(m).observe(max(0.0, last - s.first_scheduled))
+                if s.first_token is not None:
+                    self.prefill_time.labels(m).observe(max(0.0, s.first_token - s.first_scheduled))
+            if s.first_token is not None:
+                self.decode_time.labels(m).observe(max(0.0, last - s.first_token))
             self.req_prompt.labels(m).observe(s.prompt_tokens)
             self.req_generation.labels(m).observe(generated)
             self.e2e.labels(m).observe(max(0.0, s.finished - s.arrival))

@@ -98,3 +98,30 @@ class ChoiceStream:
         if o.finish_reason:
             self.done = True
         return delta, ids, entries
+
+
+def cached_tokens(ctx, outs) -> int | None:
+    """usage.prompt_tokens_details' cached_tokens over RequestOutputs: only with --enable-prompt-tokens-details
+    and some prompt tokens from the prefix cache (vLLM's rule), else None."""
+    if not ctx.prompt_tokens_details:
+        return None
+    cached = sum(o.num_cached_tokens for o in outs if o is not None)
+    return cached or None
+
+
+def timing_metrics(out, n_tokens: int) -> dict:
+    """vLLM's per-request `metrics` (--enable-per-request-metrics) from a finished RequestOutput: time to first
+    token from scheduling, queue and generation time, mean inter-token latency and tokens per second."""
+    m = getattr(out, "metrics", None)
+    queued, scheduled, first, last = ((m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
+                                      if m is not None else (None,) * 4)
+
+    def ms(a, b):
+        return None if a is None or b is None else max(0.0, b - a) * 1000.0
+
+    generation = ms(first, last)
+    running = None if scheduled is None or last is None else last - scheduled
+    return {"time_to_first_token_ms": ms(scheduled, first), "generation_time_ms": generation,
+            "queue_time_ms": ms(queued, scheduled),
+            "mean_itl_ms": generation / (n_tokens - 1) if generation is not None and n_tokens > 1 else None,
+            "tokens_per_second": n_tokens / running if running and running > 0 else None}

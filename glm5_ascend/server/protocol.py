@@ -20,7 +20,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool | None = True
+    include_usage: bool | None = False  # vLLM's default: `stream_options: {}` sends no usage chunk
     continuous_usage_stats: bool | None = False
 
 
@@ -294,6 +294,9 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = None
+    kv_transfer_params: dict | None = None
+    metrics: dict[str, float | None] | None = None  # --enable-per-request-metrics
 
 
 class TopLogprob(_Response):
@@ -353,6 +356,9 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: list[dict[str, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = None
+    kv_transfer_params: dict | None = None
+    metrics: dict[str, float | None] | None = None  # --enable-per-request-metrics
 
 
 class ChatStreamChoice(_Response):
@@ -372,6 +378,7 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None
+    metrics: dict[str, float | None] | None = None  # the final usage chunk, with --enable-per-request-metrics
 
 
 class TokenizeResponse(_Response):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.errors import BadRequest
 from glm5_ascend.server.limits import text_chars
-from glm5_ascend.server.outputs import ChoiceStream, chat_logprobs, prompt_logprobs_json, sse, stream_usage, usage
+from glm5_ascend.server.outputs import ChoiceStream, cached_tokens, chat_logprobs, prompt_logprobs_json, sse
+from glm5_ascend.server.outputs import stream_usage, timing_metrics, usage
 from glm5_ascend.server.protocol import ChatCompletionRequest, NamedToolChoice
 from glm5_ascend.server.reasoning import get_reasoning_parser
 from glm5_ascend.server.serving_tokens import ServingContext
@@ -202,17 +203,22 @@ class ChatServing:
             choice = {"index": o.index, "message": message,
                       "logprobs": self._logprobs(req, o.token_ids, o.logprobs or []) if req.logprobs else None,
                       "finish_reason": self._finish_reason(req, o.finish_reason, bool(parts["tool_calls"]), False),
-                      "stop_reason": o.stop_reason}
-            if req.return_token_ids:
-                choice["token_ids"] = list(o.token_ids)
+                      "stop_reason": o.stop_reason,
+                      "token_ids": list(o.token_ids) if req.return_token_ids else None}
             choices.append(choice)
-        body = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": usage(len(prep.ids), completion_tokens), "system_fingerprint": None,
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": choices, "usage": usage(len(prep.ids), completion_tokens, cached_tokens(self.ctx, [final])),
+                "system_fingerprint": None, "service_tier": None, "kv_transfer_params": None,
                 "prompt_logprobs": (prompt_logprobs_json(self.ctx, final.prompt_logprobs)
-                                    if req.prompt_logprobs is not None else None)}
-        if req.return_token_ids:
-            body["prompt_token_ids"] = list(prep.ids)
-        return body
+                                    if req.prompt_logprobs is not None else None),
+                "prompt_token_ids": list(prep.ids) if req.return_token_ids else None,
+                "metrics": self._metrics(prep, final, completion_tokens)}
+
+    def _metrics(self, prep: _Prepared, final, n_tokens: int) -> dict | None:
+        """--enable-per-request-metrics: for one choice only, as vLLM."""
+        if not self.ctx.per_request_metrics or prep.params.n != 1 or final is None:
+            return None
+        return timing_metrics(final, n_tokens)
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, req: ChatCompletionRequest, request_id: str, model: str) -> AsyncIterator[str]:
@@ -222,29 +228,32 @@ class ChatServing:
 
     async def _events(self, req, prep: _Prepared, request_id: str, model: str) -> AsyncIterator[str]:
         ctx, created, n = self.ctx, int(time.time()), prep.params.n
-        include_usage, continuous = stream_usage(req.stream_options)
+        include_usage, continuous = stream_usage(req.stream_options, ctx.force_include_usage)
         n_prompt = len(prep.ids)
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
         def chunk(index: int, delta: dict, finish=None, stop_reason=None, logprobs=None, tokens=None,
-                  n_tokens: int = 0) -> str:
+                  n_tokens: int = 0, first: bool = False) -> str:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             if finish is not None:
                 choice["stop_reason"] = stop_reason
-            if tokens is not None:
-                choice["token_ids"] = tokens
-            return sse({**head, "choices": [choice], "usage": usage(n_prompt, n_tokens) if continuous else None})
+            choice["token_ids"] = tokens
+            body = {**head, "choices": [choice], "usage": usage(n_prompt, n_tokens) if continuous else None}
+            if first:  # vLLM's first chunk carries the prompt's ids (null unless return_token_ids)
+                body["prompt_token_ids"] = list(prep.ids) if req.return_token_ids else None
+            return sse(body)
 
         def opening():
             for i in range(n):
-                yield chunk(i, {"role": prep.role, "content": ""})
+                yield chunk(i, {"role": prep.role, "content": ""}, first=i == 0)
                 if prep.echo_text:
                     yield chunk(i, {"content": prep.echo_text})
 
         parsers = [self._parser(req, prep) for _ in range(n)]
         states = [ChoiceStream() for _ in range(n)]
-        opened = False
+        opened, final = False, None
         async for out in ctx.engine.generate(prep.ids, prep.params, ctx.engine_id(request_id)):
+            final = out
             if not opened:  # like vLLM, the role chunk comes with the first output, after prefill
                 opened = True
                 for c in opening():
@@ -263,7 +272,13 @@ class ChatServing:
                     reason = self._finish_reason(req, o.finish_reason, parsers[i].called_tools, True)
                 if req.parallel_tool_calls is False:
                     _first_call_only(parts)
-                if parts or logprobs or reason:  # a held-back delta still reports its tokens' logprobs
+                # A held-back delta (stop string, parser markup) still reports its tokens' logprobs and ids.
+                if parts or logprobs or reason or tokens:
                     yield chunk(i, delta_message(parts), reason, o.stop_reason, logprobs, tokens, len(o.token_ids))
         if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(n_prompt, sum(s.tokens for s in states))})
+            n_tokens = sum(s.tokens for s in states)
+            body = {**head, "choices": [], "usage": usage(n_prompt, n_tokens, cached_tokens(ctx, [final]))}
+            metrics = self._metrics(prep, final, n_tokens)
+            if metrics is not None:
+                body["metrics"] = metrics
+            yield sse(body)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.sequence import RequestOutput
 from glm5_ascend.server.errors import BadRequest
-from glm5_ascend.server.outputs import ChoiceStream, completion_logprobs, prompt_logprobs_json, sse, stream_usage, usage
+from glm5_ascend.server.outputs import ChoiceStream, cached_tokens, completion_logprobs, prompt_logprobs_json, sse
+from glm5_ascend.server.outputs import stream_usage, timing_metrics, usage
 from glm5_ascend.server.protocol import CompletionRequest
 from glm5_ascend.server.serving_tokens import ServingContext
 
@@ -114,7 +115,16 @@ class CompletionServing:
                 choices.append(self._choice(req, p, out, o, i * p.params.n + o.index))
         n_prompt = sum(len(p.ids) for p in prompts)
         return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": usage(n_prompt, completion_tokens), "system_fingerprint": None}
+                "choices": choices,
+                "usage": usage(n_prompt, completion_tokens, cached_tokens(self.ctx, finals.values())),
+                "system_fingerprint": None, "service_tier": None, "kv_transfer_params": None,
+                "metrics": self._metrics(prompts, finals.get(0), completion_tokens)}
+
+    def _metrics(self, prompts: list[_Prompt], out: RequestOutput | None, n_tokens: int) -> dict | None:
+        """--enable-per-request-metrics: for one prompt and one choice only, as vLLM."""
+        if not self.ctx.per_request_metrics or len(prompts) != 1 or prompts[0].params.n != 1 or out is None:
+            return None
+        return timing_metrics(out, n_tokens)
 
     def _choice(self, req, p: _Prompt, out: RequestOutput, o, index: int) -> dict:
         ctx, as_id = self.ctx, self.ctx.as_ids(req)
@@ -132,8 +142,8 @@ class CompletionServing:
                   "stop_reason": o.stop_reason,
                   "prompt_logprobs": prompt_logprobs_json(ctx, out.prompt_logprobs) if req.prompt_logprobs
                   is not None else None}
-        if req.return_token_ids:
-            choice["token_ids"], choice["prompt_token_ids"] = list(o.token_ids), list(p.ids)
+        asked = bool(req.return_token_ids)
+        choice["token_ids"], choice["prompt_token_ids"] = (list(o.token_ids), list(p.ids)) if asked else (None, None)
         return choice
 
     # ---------------------------------------------------------------- streaming
@@ -144,13 +154,14 @@ class CompletionServing:
 
     async def _events(self, req, request_id, model, prompts, outputs) -> AsyncIterator[str]:
         ctx, created, as_id = self.ctx, int(time.time()), self.ctx.as_ids(req)
-        include_usage, continuous = stream_usage(req.stream_options)
+        include_usage, continuous = stream_usage(req.stream_options, ctx.force_include_usage)
         n = prompts[0].params.n
         head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         states: dict[int, ChoiceStream] = {}
         offsets: dict[int, int] = {}  # text_offset of each choice's next logprob token
+        last: dict[int, RequestOutput] = {}  # each prompt's latest output
         async for i, out in outputs:
-            p = prompts[i]
+            p, last[i] = prompts[i], out
             for o in out.outputs:
                 index = i * n + o.index
                 state = states.setdefault(index, ChoiceStream())
@@ -173,13 +184,16 @@ class CompletionServing:
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
                 choice = {"index": index, "text": prefix + delta, "logprobs": logprobs,
                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-                if req.return_token_ids:
-                    choice["token_ids"] = new_ids
-                    if first:
-                        choice["prompt_token_ids"] = list(p.ids)
+                choice["token_ids"] = new_ids if req.return_token_ids else None
+                choice["prompt_token_ids"] = list(p.ids) if req.return_token_ids and first else None
                 body = {**head, "choices": [choice],
                         "usage": usage(len(p.ids), len(o.token_ids)) if continuous else None}
                 yield sse(body)
         if include_usage:
-            total = usage(sum(len(p.ids) for p in prompts), sum(s.tokens for s in states.values()))
-            yield sse({**head, "choices": [], "usage": total})
+            n_tokens = sum(s.tokens for s in states.values())
+            total = usage(sum(len(p.ids) for p in prompts), n_tokens, cached_tokens(ctx, last.values()))
+            final = {**head, "choices": [], "usage": total}
+            metrics = self._metrics(prompts, last.get(0), n_tokens)
+            if metrics is not None:
+                final["metrics"] = metrics
+            yield sse(final)

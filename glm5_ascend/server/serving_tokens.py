@@ -49,6 +49,9 @@ class ServingContext:
     log_requests: bool = False
     return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the default per request
     default_chat_template_kwargs: dict = field(default_factory=dict)  # --default-chat-template-kwargs
+    force_include_usage: bool = False  # --enable-force-include-usage
+    prompt_tokens_details: bool = False  # --enable-prompt-tokens-details
+    per_request_metrics: bool = False  # --enable-per-request-metrics
     max_prompt_chars: int | None = None  # a longer text surely exceeds max_model_len (limits.prompt_char_bound)
     pool: ThreadPoolExecutor | None = None  # tokenization and templates, off the event loop (start_pool)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -226,19 +229,29 @@ class ServingContext:
     def _logit_bias(self, bias: dict | None) -> dict[int, float] | None:
         if not bias:
             return None
-        out = {}
-        for key, value in bias.items():
+        out, not_ids, out_of_vocab, not_finite = {}, [], [], []
+        for key, value in bias.items():  # every bad key is named, not only the first
             try:
                 tid = int(key)
             except ValueError:
-                raise BadRequest(f"logit_bias key {key!r} is not a token id.", param="logit_bias") from None
+                not_ids.append(key)
+                continue
             if not 0 <= tid < self.vocab_size:
-                raise BadRequest(f"token_id(s) {[tid]} in logit_bias contain out-of-vocab token ids. Vocabulary "
-                                 f"size: {self.vocab_size}", param="logit_bias")
-            if not math.isfinite(value):
-                raise BadRequest(f"logit_bias value {value} for token {tid} is not a finite number.",
-                                 param="logit_bias")
-            out[tid] = min(100.0, max(-100.0, value))  # OpenAI's and vLLM's clamp
+                out_of_vocab.append(tid)
+            elif not math.isfinite(value):
+                not_finite.append(key)
+            else:
+                out[tid] = min(100.0, max(-100.0, value))  # OpenAI's and vLLM's clamp
+        problems = []
+        if not_ids:
+            problems.append(f"keys {not_ids} are not token ids (integers or strings of integers)")
+        if out_of_vocab:
+            problems.append(f"token_id(s) {out_of_vocab} in logit_bias contain out-of-vocab token ids. "
+                            f"Vocabulary size: {self.vocab_size}")
+        if not_finite:
+            problems.append(f"the values for keys {not_finite} are not finite numbers")
+        if problems:
+            raise BadRequest("logit_bias: " + "; ".join(problems) + ".", param="logit_bias")
         return out
 
     def _allowed(self, ids: list[int] | None) -> list[int] | None:
