@@ -117,3 +117,24 @@ def test_logprob_token_ids_are_reported_every_step(llm):
     assert first.rank == 1 and abs(first.logprob - greedy.logprobs[0][pinned[0]].logprob) < 1e-5
     with pytest.raises(ValueError, match="out of vocabulary"):
         _gen(llm, logprob_token_ids=[10 ** 6])
+
+
+def test_preempted_and_data_parallel_sequences_keep_their_grammar(tiny_model_dir):
+    """A KV cache too small for the batch (preemption recomputes a sequence with its matcher as it
+    was) and two DP groups (the second compiles the grammar in its own process): same constrained
+    outputs as one process with room for all."""
+    prompts = [{"prompt_token_ids": list(range(10 + 7 * i, 50 + 7 * i))} for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(regex="[0-9]{20}"))
+    roomy = LLM(tiny_model_dir, device=TEST_DEVICE, block_size=16, seed=0, dtype="float32")
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params)]
+    assert all(re.fullmatch("[0-9]{20}", o.outputs[0].text) for o in roomy.generate(prompts[:2], params))
+    tight = dict(device=TEST_DEVICE, block_size=16, seed=0, dtype="float32", num_gpu_blocks_override=14,
+                 max_num_batched_tokens=24, max_model_len=160)
+    small = LLM(tiny_model_dir, **tight)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == want
+    assert small.llm_engine.stats()["num_preemptions"] > 0
+    dp = LLM(tiny_model_dir, **tight, data_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in dp.generate(prompts, params)] == want
+    finally:
+        dp.shutdown()
