@@ -1,17 +1,25 @@
 """Request and response schemas with vLLM's names (OpenAI's plus vLLM's extras).
 
-Requests are validated here; unknown fields are ignored, as vLLM does. Responses
+Requests are validated here. A field vLLM implements and this server does not is a 400 naming it (unless it
+holds its default); a field unknown to vLLM too is ignored with a logged warning, as vLLM does. Responses
 are built as plain dicts by the serving modules (faster on the streaming path);
 the response models below document them in /openapi.json and the tests check
 every body against them.
 """
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+logger = logging.getLogger(__name__)
 _INT64 = 2 ** 63
+# vLLM request fields this server does not implement, with the value that asks for nothing (accepted).
+UNSUPPORTED_FIELDS = {"use_beam_search": False, "length_penalty": 1.0, "early_stopping": False,
+                      "bad_words": None, "logits_processors": None, "prompt_embeds": None,
+                      "kv_transfer_params": None, "mm_processor_kwargs": None, "cache_salt": None,
+                      "vllm_xargs": None, "thinking_token_budget": None}
 Int64 = Field(default=None, ge=-_INT64, le=_INT64 - 1)
 
 
@@ -82,6 +90,38 @@ class _SamplingRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    truncation_side: Literal["left", "right"] | None = None  # with truncate_prompt_tokens: which end is cut
+    # Declared so that a request using them is refused by name (_refuse_unsupported), not silently ignored.
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    early_stopping: bool | str | None = False
+    bad_words: list[str] | None = None
+    logits_processors: list[Any] | None = None
+    prompt_embeds: Any = None
+    kv_transfer_params: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    cache_salt: str | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data):
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                logger.warning("The following fields were present in the request but ignored: %s",
+                               sorted(map(str, unknown))[:20])
+        return data
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _refuse_unsupported(cls, value, info):
+        default = UNSUPPORTED_FIELDS[info.field_name]
+        if value is not None and value != default and value != []:
+            raise ValueError(f"`{info.field_name}` is not supported by this server (vLLM implements it, glm5-ascend "
+                             "does not); drop it from the request")
+        return value
 
     @model_validator(mode="after")
     def _check_stream_options(self):

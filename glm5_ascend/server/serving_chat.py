@@ -133,7 +133,8 @@ class ChatServing:
         ctx = self.ctx
         tool_parser = self._tool_parser(req)
         text = ctx.render_chat(req)
-        ids = ctx.truncate(ctx.encode(text, bool(req.add_special_tokens)), req.truncate_prompt_tokens)
+        ids = ctx.truncate(ctx.encode(text, bool(req.add_special_tokens)), req.truncate_prompt_tokens,
+                           req.truncation_side)
         ctx.check_ids(ids, param="messages")
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = ctx.max_tokens(len(ids), requested)

@@ -73,7 +73,7 @@ class CompletionServing:
         prompts = []
         for p in raw:
             ids = ctx.encode(p, req.add_special_tokens is not False) if isinstance(p, str) else list(p)
-            ids = ctx.truncate(ids, req.truncate_prompt_tokens)
+            ids = ctx.truncate(ids, req.truncate_prompt_tokens, req.truncation_side)
             ctx.check_ids(ids)
             echo_only = bool(req.echo) and req.max_tokens == 0
             max_tokens = 1 if echo_only else ctx.max_tokens(len(ids), req.max_tokens)

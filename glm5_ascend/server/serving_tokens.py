@@ -137,8 +137,9 @@ class ServingContext:
         if bad is not None:
             raise BadRequest(f"Token id {bad} is out of vocabulary (vocab_size={self.vocab_size}).", param=param)
 
-    def truncate(self, ids: list[int], k: int | None) -> list[int]:
-        """truncate_prompt_tokens: keep the last k tokens (-1: max_model_len)."""
+    def truncate(self, ids: list[int], k: int | None, side: str | None = None) -> list[int]:
+        """truncate_prompt_tokens: keep the last k tokens (-1: max_model_len), or the first k with
+        truncation_side "right"."""
         if k is None:
             return ids
         if k == -1:
@@ -147,7 +148,9 @@ class ServingContext:
             raise BadRequest(f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
                              f"({self.max_model_len}). Please, select a smaller truncation size.",
                              param="truncate_prompt_tokens")
-        return ids[-k:] if k else ids
+        if not k:
+            return ids
+        return ids[:k] if side == "right" else ids[-k:]
 
     def max_tokens(self, n_prompt: int, requested: int | None) -> int:
         """vLLM's length checks; the output budget (request, generation config, or what is left)."""

@@ -204,3 +204,40 @@ def test_vllm_metric_families(client, http):
     assert metric(after, "vllm:cache_config_info", block_size="128") == 1
     for reason in ("capacity", "deferred"):
         assert f'vllm:num_requests_waiting_by_reason{{model_name="{MODEL}",reason="{reason}"}}' in after
+
+
+# ---------------------------------------------------------------- item 3: prompt options and field policy
+def test_truncation_side(client):
+    prompt = list(range(10, 40))
+    kept = {}
+    for side in ("left", "right"):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={
+            "truncate_prompt_tokens": 8, "truncation_side": side, "return_token_ids": True})
+        kept[side] = out.choices[0].model_extra["prompt_token_ids"]
+    assert kept == {"left": prompt[-8:], "right": prompt[:8]}
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a long question " * 4}],
+                                          max_completion_tokens=1, extra_body={
+                                              "truncate_prompt_tokens": 5, "truncation_side": "right", **NO_THINK})
+    assert chat.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"truncation_side": "middle"})
+    assert e.value.body["param"] == "truncation_side"
+
+
+@pytest.mark.parametrize("field,value", [("use_beam_search", True), ("length_penalty", 0.5),
+                                         ("bad_words", ["x"]), ("logits_processors", ["my.proc"])])
+def test_vllm_fields_not_implemented_are_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={field: value})
+    assert e.value.body["param"] == field and field in e.value.body["message"]
+    ok = client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                   extra_body={"use_beam_search": False, "length_penalty": 1.0})
+    assert ok.choices  # their defaults ask for nothing, so they pass
+
+
+def test_fields_unknown_to_vllm_are_ignored_with_a_warning(pclient, parity):
+    out = pclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=1,
+                                          extra_body={"frobnicate_level": 3, **NO_THINK})
+    assert out.choices
+    assert "ignored: ['frobnicate_level']" in parity.log_tail(20000)
