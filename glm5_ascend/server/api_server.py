@@ -49,7 +49,7 @@ class _ApiKeyMiddleware:
 class _LoadMiddleware:
     """Counts generation requests in flight for /load, from arrival until the response is fully sent."""
 
-    PATHS = ("/v1/completions", "/v1/chat/completions")
+    PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")
 
     def __init__(self, app, state: "_App"):
         self.app, self.state = app, state
