@@ -40,7 +40,8 @@ def engine_part(args) -> dict:
     from glm5_ascend import LLM, SamplingParams
     from glm5_ascend.engine.sampling_params import StructuredOutputsParams
     kw = {"load_format": "dummy", "hf_overrides": {"vocab_size": args.vocab_size}} if args.vocab_size else {}
-    llm = LLM(args.model, device=args.device, max_num_seqs=args.batch, seed=0, enforce_eager=True, **kw)
+    llm = LLM(args.model, device=args.device, max_num_seqs=args.batch, seed=0, enforce_eager=args.device == "cpu",
+              **kw)
     engine = llm.llm_engine
     prompts = [list(range(10 + i % 50, 40 + i % 50)) for i in range(args.batch)]
 

@@ -76,6 +76,8 @@ class LLMEngine:
             self.runner.allocate_cache(self.runner.available_blocks())
         else:
             self.runner = cluster.build_runner(eos)
+        if self.structured_outputs is not None:
+            self.structured_outputs.warm_up(self.runner.device)
         sc = config.scheduler
         bm = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         capacity = bm.num_blocks * bm.block_size

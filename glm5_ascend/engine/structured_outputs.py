@@ -84,6 +84,15 @@ class StructuredOutputs:
             return c.compile_grammar(spec.grammar)
         return c.compile_structural_tag(spec.structural_tag)
 
+    def warm_up(self, device: torch.device) -> None:
+        """Compile the device's bitmask kernel now (xgrammar's Triton kernel on CUDA compiles on first
+        use, seconds), not on the first constrained request."""
+        if device.type == "cpu":
+            return
+        logits = torch.zeros(2, self.vocab_size, device=device)
+        apply_bitmask(logits, [0], [_AllowAll()])
+        apply_bitmask(logits, [0, 1], [_AllowAll(), _AllowAll()])
+
     def sequence_grammar(self, spec: StructuredOutputsParams) -> "SequenceGrammar":
         import xgrammar as xgr
         return SequenceGrammar(xgr.GrammarMatcher(self.compile(spec)), spec.start_after_token_id)
@@ -115,6 +124,15 @@ class SequenceGrammar:
             logger.warning("structured outputs: the grammar cannot accept sampled token %d (the request's "
                            "other constraints leave no token it allows); the rest is unconstrained", token)
             self.failed = True
+
+
+class _AllowAll:
+    """A stand-in grammar for warm-up: its bitmask stays all ones."""
+
+    class matcher:  # noqa: N801 - mimics SequenceGrammar.matcher
+        @staticmethod
+        def fill_next_token_bitmask(bitmask, index):
+            return False
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], grammars: list[SequenceGrammar]) -> None:
