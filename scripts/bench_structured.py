@@ -78,7 +78,7 @@ def sampler_part(args) -> dict:
     import xgrammar as xgr
 
     from glm5_ascend.engine.sampler import Sampler
-    from glm5_ascend.engine.sampling_params import SamplingParams, StructuredOutputsParams
+    from glm5_ascend.engine.sampling_params import SamplingParams
     from glm5_ascend.engine.sequence import Sequence
     from glm5_ascend.engine.structured_outputs import SequenceGrammar
     V, rng = args.sampler_vocab, random.Random(0)

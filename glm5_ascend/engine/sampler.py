@@ -43,7 +43,7 @@ class Sampler:
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
         if constrained:
             apply_bitmask(logits, constrained, [seqs[i].grammar for i in constrained])
-        work = logits.clone() if any(_processed(s) for s in seqs) else logits
+        work = logits.clone(memory_format=torch.contiguous_format) if any(_processed(s) for s in seqs) else logits
         self._mask_and_bias(work, seqs, V)
         self._penalize(work, seqs, V)
         tokens = work.argmax(dim=-1)

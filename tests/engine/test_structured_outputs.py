@@ -80,7 +80,8 @@ def test_constrained_row_leaves_its_batch_mates_alone(llm):
 
 
 def test_n_choices_and_seeds_each_follow_the_grammar(llm):
-    out = _gen(llm, n=3, temperature=1.0, seed=7, max_tokens=80, structured_outputs=SO(json=SCHEMA, disable_any_whitespace=True))
+    so = SO(json=SCHEMA, disable_any_whitespace=True)
+    out = _gen(llm, n=3, temperature=1.0, seed=7, max_tokens=80, structured_outputs=so)
     texts = [c.text for c in out[0].outputs]
     for t in texts:
         jsonschema.validate(json.loads(t), SCHEMA)

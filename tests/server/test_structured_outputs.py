@@ -25,7 +25,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
              "type": "object", "required": ["days", "metric"],
              "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 9}, "metric": {"type": "boolean"}}}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {
-             "type": "object", "required": ["offset"], "properties": {"offset": {"type": "integer", "enum": [0, 1, 2]}}}}}]
+             "type": "object", "required": ["offset"],
+             "properties": {"offset": {"type": "integer", "enum": [0, 1, 2]}}}}}]
 
 
 @pytest.fixture(scope="module")
