@@ -23,12 +23,13 @@ from glm5_ascend.engine.sampling_params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 _CPP_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*")
+_CHECK_FAILED = re.compile(r"Check failed: \(.*?\) is false:\s*")
 
 
 def _one_line(e: Exception) -> str:
     """xgrammar's C++ errors start with a timestamp and a source path and may span lines."""
     text = _CPP_PREFIX.sub("", str(e)).strip()
-    text = text.replace("Check failed: (error.empty()) is false: ", "")
+    text = _CHECK_FAILED.sub("", text)
     return " ".join(text.split())
 
 
@@ -57,9 +58,19 @@ class StructuredOutputs:
         """The xgrammar CompiledGrammar of spec (cached); ValueError naming the problem if it is invalid."""
         kind = spec.kind
         try:
-            return self._compile(spec, kind)
+            compiled = self._compile(spec, kind)
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar raises RuntimeError from C++
             raise ValueError(f"Invalid structured outputs {kind}: {_one_line(e)}") from None
+        if self._matches_nothing(compiled):
+            raise ValueError(f"Invalid structured outputs {kind}: it matches no text at all (no token can start "
+                             "it, and it does not accept an empty answer)")
+        return compiled
+
+    def _matches_nothing(self, compiled) -> bool:
+        import xgrammar as xgr
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask)
+        return not bool(bitmask.any())
 
     def _compile(self, spec: StructuredOutputsParams, kind: str):
         c = self.compiler

@@ -57,6 +57,8 @@ def test_regex_choice_grammar_json_object(llm, so, check):
     (dict(regex="a(b"), "Invalid structured outputs regex: .*parenthesis"),
     (dict(grammar='root ::= "a" | '), "Invalid structured outputs grammar"),
     (dict(grammar="   "), "grammar must be a non-empty string"),
+    (dict(grammar="root ::= root"), "matches no text"),
+    (dict(structural_tag="{}"), "Invalid structured outputs structural_tag: .*format"),
     (dict(choice=[]), "choice must be a non-empty list"),
     (dict(regex="a", choice=["a"]), "only use one kind"),
     (dict(), "none is specified"),
