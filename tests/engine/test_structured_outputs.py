@@ -141,3 +141,19 @@ def test_preempted_and_data_parallel_sequences_keep_their_grammar(tiny_model_dir
         assert [o.outputs[0].token_ids for o in dp.generate(prompts, params)] == want
     finally:
         dp.shutdown()
+
+
+def test_strict_false_follows_the_schemas_own_additional_properties(llm):
+    """response_format json_schema "strict": false -> SO(strict=False): undeclared keys allowed where the
+    schema allows them; strict (the default, vLLM's) never generates them."""
+    import xgrammar as xgr
+    so = llm.llm_engine.structured_outputs
+    tok = llm.get_tokenizer()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def accepts(text, **kw):
+        m = xgr.GrammarMatcher(so.compile(SO(json=schema, **kw)))
+        return all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False)) and m.is_completed()
+
+    assert accepts('{"a": 1}') and accepts('{"a": 1}', strict=False)
+    assert not accepts('{"a": 1, "b": 2}') and accepts('{"a": 1, "b": 2}', strict=False)
