@@ -11,12 +11,15 @@ out="$(realpath -m "${2:-/tmp/glm5-mutation-results}")"
 mkdir -p "$out"
 python3 -c "import mutmut" 2>/dev/null || python3 -m pip install "mutmut==3.8.1"
 
+extra=""
 case "$pkg" in
   engine)  # the CPU bookkeeping and sampling; llm_engine / model_runner need the model per mutant (hours)
-    mutate='"glm5_ascend/engine/block_manager.py", "glm5_ascend/engine/sampler.py",
-            "glm5_ascend/engine/sampling_params.py", "glm5_ascend/engine/detokenizer.py"'
+    # sampler.py too with MUTATE_SAMPLER=1: ~650 more mutants at ~2 s each (test_sampling_distribution)
+    mutate='"glm5_ascend/engine/block_manager.py", "glm5_ascend/engine/sampling_params.py",
+            "glm5_ascend/engine/detokenizer.py"'"${MUTATE_SAMPLER:+, \"glm5_ascend/engine/sampler.py\"}"
     tests='"tests/engine/test_prefix_cache.py", "tests/engine/test_sampling_distribution.py",
-           "tests/engine/test_detokenizer.py", "tests/engine/test_sampling.py::test_invalid_sampling_params_raise"' ;;
+           "tests/engine/test_detokenizer.py", "tests/engine/test_sampling.py::test_invalid_sampling_params_raise"'
+    extra=', "-k", "not test_engine_"' ;;  # the tiny-model tests of test_prefix_cache take ~6 s a mutant
   ops)
     mutate='"glm5_ascend/ops/dsa/reference.py", "glm5_ascend/ops/moe/reference.py", "glm5_ascend/ops/quant/reference.py"'
     tests='"tests/ops/test_reference.py", "tests/ops/test_quant_ops.py", "tests/ops/test_npu_emulator_math.py"' ;;
@@ -30,8 +33,8 @@ case "$pkg" in
   *) echo "unknown package: $pkg (engine, ops, server or model)" >&2; exit 2 ;;
 esac
 
-work="$(mktemp -d /tmp/glm5-mutation-XXXXXX)"
-trap 'rm -rf "$work"' EXIT
+work="/tmp/glm5-mutation-$pkg"  # kept afterwards for `mutmut show NAME` / `mutmut browse` there
+rm -rf "$work" && mkdir -p "$work"
 git -C "$repo" archive HEAD | tar -x -C "$work"
 # glm5_ascend.ops is installed from ops/ through setup.cfg's package_dir; mutmut mutates one source
 # tree, so the copy holds ops/ inside the package, where `import glm5_ascend.ops` then finds it.
@@ -42,7 +45,7 @@ cat >> "$work/pyproject.toml" <<EOF
 source_paths = ["glm5_ascend"]
 only_mutate = [$mutate]
 pytest_add_cli_args_test_selection = [$tests]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"$extra]
 process_isolation = "forkserver"
 EOF
 cd "$work"
