@@ -18,7 +18,8 @@ case "$pkg" in
     mutate='"glm5_ascend/engine/block_manager.py", "glm5_ascend/engine/sampling_params.py",
             "glm5_ascend/engine/detokenizer.py"'"${MUTATE_SAMPLER:+, \"glm5_ascend/engine/sampler.py\"}"
     tests='"tests/engine/test_prefix_cache.py", "tests/engine/test_sampling_distribution.py",
-           "tests/engine/test_detokenizer.py", "tests/engine/test_sampling.py::test_invalid_sampling_params_raise"'
+           "tests/engine/test_detokenizer.py", "tests/engine/test_sampling.py::test_invalid_sampling_params_raise",
+           "tests/engine/test_sampling_params_bounds.py"'
     extra=', "-k", "not test_engine_"' ;;  # the tiny-model tests of test_prefix_cache take ~6 s a mutant
   ops)
     mutate='"glm5_ascend/ops/dsa/reference.py", "glm5_ascend/ops/moe/reference.py", "glm5_ascend/ops/quant/reference.py"'
