@@ -1,13 +1,14 @@
 """glm5_ascend.ops: the DSA and MoE operators the model calls, one public function each.
 
-Each op has up to three backends, chosen per call from the tensors' device:
+Each op has up to three backends, chosen from the tensors' device and bound once per (op, device type):
   reference  pure torch (ops/*/reference.py), the spec; the default on CPU
   npu        torch_npu fused ops (ops/*/npu.py); the default on an Ascend NPU
   cuda       Triton / torch fast paths (ops/*/cuda.py); the default on a CUDA GPU
 GLM5_OPS_BACKEND forces one backend for every op, GLM5_OPS_BACKEND_<OP> for one op. A device's
 default backend that does not implement an op falls back to reference; a backend asked for by
 name that is unknown or cannot load is an error. Backends are imported lazily, so a CPU host
-never imports torch_npu or triton.
+never imports torch_npu or triton. The variables are read when an op is first called on a device
+type; `rebind()` makes the next call read them again.
 
 Every op checks its arguments before it dispatches (ops/checks.py): shapes, dtypes and devices
 always, index values with GLM5_OPS_CHECK_VALUES=1. So all backends fail the same way, with one line
@@ -58,17 +59,19 @@ def _load(family: str, backend: str, op: str | None = None) -> ModuleType | None
 def resolve(op: str, device_type: str) -> tuple[str, object]:
     """(backend name, function) that runs `op` for tensors on `device_type`."""
     family = _FAMILY[op]
-    forced = envs.ops_backend_for(op) or envs.ops_backend()
+    per_op = envs.ops_backend_for(op)
+    forced = per_op or envs.ops_backend()
     if forced:
+        var = f"GLM5_OPS_BACKEND_{op.upper()}" if per_op else "GLM5_OPS_BACKEND"
         if forced not in BACKENDS:
-            raise ValueError(f"GLM5_OPS_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
+            raise ValueError(f"{var}={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
         try:
             module = _load(family, forced, op)
         except ImportError as e:
-            raise RuntimeError(f"ops backend {forced!r} cannot load on this host ({e}); unset GLM5_OPS_BACKEND") from None
+            raise RuntimeError(f"ops backend {forced!r} cannot load on this host ({e}); unset {var}") from None
         fn = getattr(module, op, None) if module else None
         if fn is None:
-            raise RuntimeError(f"ops backend {forced!r} does not implement {op}; unset GLM5_OPS_BACKEND or use reference")
+            raise RuntimeError(f"ops backend {forced!r} does not implement {op}; unset {var} or use reference")
         return forced, fn
     backend = _DEVICE_DEFAULT.get(device_type, "reference")
     module = _load(family, backend, op)
@@ -78,10 +81,23 @@ def resolve(op: str, device_type: str) -> tuple[str, object]:
     return backend, fn
 
 
+_BOUND: dict[tuple[str, str], object] = {}  # (op, device type) -> the backend function it runs
+
+
+def rebind() -> None:
+    """Forget every bound backend, so the next call of each op resolves again (after GLM5_OPS_BACKEND*
+    or the installed torch_npu changed)."""
+    _BOUND.clear()
+
+
 def _call(op: str, *args):
-    """Check op's arguments, then run it on the backend for the device of its first tensor."""
+    """Check op's arguments, then run it on the backend bound for the device of its first tensor."""
     getattr(checks, op)(*args)
-    return resolve(op, args[0].device.type)[1](*args)
+    key = (op, args[0].device.type)
+    fn = _BOUND.get(key)
+    if fn is None:
+        fn = _BOUND[key] = resolve(*key)[1]
+    return fn(*args)
 
 
 def interleaved_rope(x, cos, sin):

@@ -43,6 +43,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_op_bindings():
+    """Ops bind their backend on first call (glm5_ascend.ops.rebind); a test that changed
+    GLM5_OPS_BACKEND* or torch_npu must not leave its bindings to the next."""
+    from glm5_ascend import ops
+    ops.rebind()
+    yield
+    ops.rebind()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     from glm5_ascend.model.tiny import default_model_path

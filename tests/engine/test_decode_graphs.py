@@ -49,6 +49,7 @@ def test_padded_graph_path_on_npu_backend(eager):
         pytest.skip("a real torch_npu is present")
     with emulator.installed("a3") as torch_npu, pytest.MonkeyPatch.context() as mp:
         mp.setenv("GLM5_OPS_BACKEND", "npu")
+        ops.rebind()
         assert ops.resolve("mla_cache_write", "cpu")[0] == "npu"
         graphs = LLM(cuda_graph_sizes=[1, 2, 4, 8], max_num_seqs=8, seed=3)
         runner = graphs.llm_engine.runner

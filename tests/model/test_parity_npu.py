@@ -35,6 +35,7 @@ def npu_ops():
         pytest.skip("a real torch_npu is present: tests/model/test_parity.py on the NPU covers this")
     with emulator.installed("a3") as torch_npu, pytest.MonkeyPatch.context() as mp:
         mp.setenv("GLM5_OPS_BACKEND", "npu")
+        ops.rebind()
         assert ops.resolve("sparse_mla_attention", "cpu")[0] == "npu"
         yield torch_npu
 

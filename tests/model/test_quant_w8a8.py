@@ -131,6 +131,7 @@ def test_greedy_on_the_npu_backend_equals_the_reference_w8a8_path(w8a8, monkeypa
     with emulator.installed("a3") as torch_npu:
         monkeypatch.setenv("GLM5_OPS_BACKEND", "npu")
         monkeypatch.setenv("GLM5_OPS_BACKEND_MOE_UNPERMUTE", "reference")
+        ops.rebind()
         assert ops.resolve("w8a8_linear", "cpu")[0] == "npu"
         got = _greedy(w8a8)
         assert torch_npu.calls["npu_quant_matmul"] > 0 and torch_npu.calls["npu_dynamic_quant"] > 0

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from glm5_ascend import ops
 from tests.ops import emulator
 
 # Tolerances per dtype, for outputs compared elementwise (attention, MLP, combine).
@@ -59,6 +60,7 @@ def npu_backend(monkeypatch, device, npu_profile):
     limits of `npu_profile`); yields it."""
     with emulator.installed(npu_profile) as torch_npu:
         monkeypatch.setenv("GLM5_OPS_BACKEND", "npu")
+        ops.rebind()
         yield torch_npu
 
 

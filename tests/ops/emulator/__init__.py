@@ -102,10 +102,12 @@ def installed(profile: str | None = None):
                 stack.enter_context(use_profile(profile))
             yield torch_npu
         return
+    from glm5_ascend import ops
     previous = sys.modules.get("torch_npu")
     for name in _NPU_MODULES:
         sys.modules.pop(name, None)
     mod = sys.modules["torch_npu"] = _counting_module()
+    ops.rebind()  # ops bound before this point hold the previous torch_npu's backend functions
     mc2.reset()
     stack = contextlib.ExitStack()
     stack.enter_context(mc2.guard())
@@ -115,6 +117,7 @@ def installed(profile: str | None = None):
         with stack:
             yield mod
     finally:
+        ops.rebind()
         for name in _NPU_MODULES:
             sys.modules.pop(name, None)
         if previous is None:
