@@ -21,6 +21,10 @@ _COMMANDS = {
 _BENCH = {
     "serve": ("glm5_ascend.bench.serve", "benchmark a running vLLM-compatible server (like `vllm bench serve`)"),
     "ops": ("glm5_ascend.bench.ops", "time each operator at GLM-5 shapes against the device's peak"),
+    "latency": ("glm5_ascend.bench.latency", "time one batch from prompt to last token, beside the device's "
+                                             "bounds (like `vllm bench latency`)"),
+    "throughput": ("glm5_ascend.bench.throughput", "offline throughput of many requests, beside the device's "
+                                                   "bounds (like `vllm bench throughput`)"),
 }
 
 
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in _COMMANDS.items():
         if _available(module):
             _add(sub, name, module, help_text)
-    bench = sub.add_parser("bench", help="benchmarks (serve, ops)")
+    bench = sub.add_parser("bench", help="benchmarks (serve, ops, latency, throughput)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
     for name, (module, help_text) in _BENCH.items():
         if _available(module):

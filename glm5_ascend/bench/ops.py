@@ -249,15 +249,15 @@ def measure_read_bandwidth(device: torch.device, timer: Timer) -> float:
     return x.numel() * 2 / t
 
 
-def measure_peaks(device: torch.device, timer: Timer) -> tuple[float, float]:
-    """(bytes/s of a 2 GiB device copy, read + write; FLOP/s of an 8192^3 bf16 matmul on random data)."""
-    bufs = [torch.randn(1 << 29, device=device)]
+def measure_peaks(device: torch.device, timer: Timer, copy_bytes: int = 2 << 30, n: int = 8192,
+                  dtype: torch.dtype = torch.bfloat16, iters: int = 20) -> tuple[float, float]:
+    """(bytes/s of a device copy of copy_bytes, read + write; FLOP/s of an n^3 matmul on random data)."""
+    bufs = [torch.randn(copy_bytes // 4, device=device)]
     bufs.append(torch.empty_like(bufs[0]))
-    bw = 2 * bufs[0].numel() * 4 / timer(lambda: bufs[1].copy_(bufs[0]), 20)
-    bufs.clear()  # free the 4 GiB before the matmul
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return bw, 2 * n ** 3 / timer(lambda: torch.matmul(a, b), 20)
+    bw = 2 * bufs[0].numel() * 4 / timer(lambda: bufs[1].copy_(bufs[0]), iters)
+    bufs.clear()  # free the copy's buffers before the matmul
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return bw, 2 * n ** 3 / timer(lambda: torch.matmul(a, b), iters)
 
 
 def _fmt_time(s: float) -> str:

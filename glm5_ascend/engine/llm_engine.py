@@ -92,6 +92,7 @@ class LLMEngine:
         self.finished_reasons: dict[str, int] = {}
         # Wall time of each part of step(), for `bench serve`'s breakdown of where a request's time goes.
         self.step_seconds = {"schedule": 0.0, "model": 0.0, "detokenize": 0.0, "postprocess": 0.0}
+        self.last_batch = None
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", bm.num_blocks, bm.block_size,
                     bm.num_blocks * self.runner.bytes_per_block() / (1 << 30))
 
@@ -184,6 +185,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         self.last_step_tokens = sum(batch.num_tokens) if batch else 0  # vllm:iteration_tokens_total
+        self.last_batch = batch  # what ran, for `bench latency` / `bench throughput`
         t1 = time.perf_counter()
         self.step_seconds["schedule"] += t1 - t0
         if not batch and not idle_forward:

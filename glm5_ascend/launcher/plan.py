@@ -18,7 +18,8 @@ from pathlib import Path
 
 from glm5_ascend.config import ModelConfig
 from glm5_ascend.launcher.sizing import (QUANTIZATIONS, Layout, Params, active_params, check_layout,  # noqa: F401
-                                         count_params, kv_bytes_per_token, rank_weight_bytes)
+                                         count_params, kv_bytes_per_token, kv_read_bytes, rank_weight_bytes,
+                                         step_weight_bytes)
 
 GiB = 1 << 30
 # Per-device facts from the vendors' data sheets (shared/reference/README.md); override with flags.
@@ -77,14 +78,7 @@ def plan(c: ModelConfig, L: Layout, device: dict, quant: str = "bf16", utilizati
 def decode_bound(c: ModelConfig, L: Layout, device: dict, quant: str, weight_bytes: int, batch: int,
                  context: int) -> dict:
     """Lower bound on a decode step: `batch` sequences per DP group at `context` tokens each."""
-    full = rank_weight_bytes(c, L, quant, mtp=False)
-    routed = full["routed_experts"]
-    tokens = batch * (L.dp if L.ep else 1) * c.num_experts_per_tok  # token-expert pairs this rank's experts see
-    hit = 1 - (1 - 1 / c.n_routed_experts) ** tokens  # uniform routing: chance an expert is used this step
-    step_weights = full["total"] - routed + routed * hit
-    per_seq_kv = c.num_hidden_layers * (min(c.index_topk, context) * (c.kv_lora_rank + c.qk_rope_head_dim)
-                                        + context * c.index_head_dim) * 2
-    step = step_weights + batch * per_seq_kv
+    step = step_weight_bytes(c, L, quant, batch * (L.dp if L.ep else 1)) + batch * kv_read_bytes(c, context)
     tpot = step / (device["hbm_tbps"] * 1e12)
     return {"step_bytes": int(step), "tpot_ms": tpot * 1e3, "decode_tok_s": batch * L.dp / tpot if tpot else math.inf}
 

@@ -104,6 +104,39 @@ def kv_bytes_per_token(c: ModelConfig, dtype_bytes: int = _BF16) -> int:
     return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim) * dtype_bytes
 
 
+def step_weight_bytes(c: ModelConfig, L: Layout, quant: str, tokens: int) -> float:
+    """Weight bytes one rank must read for a forward of `tokens` tokens (those its experts may see):
+    every weight but the routed experts no token is sent to (uniform routing: an expert is used with
+    probability 1 - (1 - 1/E)^(tokens * top-k)) and the embedding table, which is gathered a row per
+    token, not read whole (the lm_head is). The MTP layer is not run."""
+    full = rank_weight_bytes(c, L, quant, mtp=False)
+    routed = full["routed_experts"]
+    hit = 1 - (1 - 1 / c.n_routed_experts) ** (tokens * c.num_experts_per_tok)
+    embedding_table = (c.vocab_size // L.tp) * c.hidden_size * _BF16
+    return full["total"] - routed + routed * hit - embedding_table
+
+
+def kv_read_bytes(c: ModelConfig, context: int, dtype_bytes: int = _BF16) -> int:
+    """Cache bytes DSA reads for one token at `context`: every index key, the top-k latents and rope keys."""
+    return c.num_hidden_layers * (min(c.index_topk, context) * (c.kv_lora_rank + c.qk_rope_head_dim)
+                                  + context * c.index_head_dim) * dtype_bytes
+
+
+def prefill_flops(c: ModelConfig, start: int, n: int) -> float:
+    """FLOPs of prompt tokens start .. start+n-1 on one device (no TP), without the lm_head: twice the
+    active parameters each multiplies (the embedding is a gather), the indexer's scores over every
+    earlier token and sparse MLA's over the top-k (QK over latent + rope, PV over the latent)."""
+    linear = 2 * (active_params(c, count_params(c)) - c.vocab_size * c.hidden_size * 2)
+    ctx_sum = n * start + n * (n + 1) // 2  # sum of the context lengths start+1 .. start+n
+    k, first = c.index_topk, start + 1
+    topk_sum = ctx_sum if start + n <= k else (  # sum of min(k, ctx)
+        (sum(range(first, k + 1)) if first <= k else 0) + k * (start + n - max(k, start)))
+    full = sum(t == "full" for t in c.indexer_types)
+    per_head_mla = 2 * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    return (n * linear + 2 * c.index_n_heads * c.index_head_dim * full * ctx_sum
+            + per_head_mla * c.num_attention_heads * c.num_hidden_layers * topk_sum)
+
+
 def _linear(n: int, k: int, role: str, quant: str) -> int:
     """Bytes of one rank's [n, k] linear weight (plus its scales when quantized)."""
     if quant in ("w8a8", "w4a8") and role not in _KEEP_ROLES:
