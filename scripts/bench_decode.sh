@@ -2,12 +2,14 @@
 # The decode table of docs/benchmarks.md: `glm5-ascend bench latency` on the GLM-5-width model cut to
 # 4 layers (1 dense + 3 MoE, 31.9B parameters, bf16, random weights: --load-format dummy), one GPU.
 #   scripts/bench_decode.sh OUTDIR CASE...   CASE: b1 b16 b64 (graphs), b1-eager b16-eager,
-#                                            depth4 depth8 (64 experts, so 8 layers fit 80 GB), hf-b1
+#                                            depth4 depth8 (64 experts, so 8 layers fit 80 GB), hf-b1,
+#                                            w8a8-b1 w8a8-b64 (random int8 weights, msmodelslim W8A8)
 # Each case writes OUTDIR/CASE.json and OUTDIR/CASE.log.
 set -u
 out=${1:?usage: bench_decode.sh OUTDIR CASE...}; shift
 mkdir -p "$out" /tmp/glm5-config && cp "$(dirname "$0")/../tests/data/glm5-config.json" /tmp/glm5-config/config.json
 L4='{"num_hidden_layers": 4, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0}'
+W8A8='{"num_hidden_layers": 4, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0, "quantization_config": {"quant_method": "msmodelslim"}}'
 run() {  # name, overrides, extra flags...
   local name=$1 over=$2; shift 2
   echo "== $name: glm5-ascend bench latency --model /tmp/glm5-config --load-format dummy --hf-overrides '$over' $*"
@@ -27,6 +29,8 @@ for case in "$@"; do
     depth8) run depth8 '{"num_hidden_layers": 8, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0, "n_routed_experts": 64}' \
               --batch-size 16 --input-len 1024 --output-len 64 --num-iters 3 ;;
     hf-b1) run hf-b1 "$L4" --batch-size 1 --input-len 2000 --output-len 32 --num-iters 1 --compare-transformers ;;
+    w8a8-b1) run w8a8-b1 "$W8A8" --batch-size 1 --input-len 2000 --output-len 96 --num-iters 3 ;;
+    w8a8-b64) run w8a8-b64 "$W8A8" --batch-size 64 --input-len 1024 --output-len 64 --num-iters 2 ;;
     *) echo "unknown case $case"; exit 2 ;;
   esac
 done

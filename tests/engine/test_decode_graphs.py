@@ -95,3 +95,21 @@ def test_dummy_weights_and_overrides():
     assert len(out[0].outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="--hf-overrides: num_hiden_layers is not a field"):
         LLM(hf_overrides={"num_hiden_layers": 2})
+
+
+def test_dummy_w8a8_weights():
+    """A W8A8 model without a checkpoint (the W8A8 vs bf16 speed comparison needs one at GLM-5's width):
+    random int8 weights whose per-row scales give them the float model's spread."""
+    import math
+
+    import torch
+    llm = LLM(load_format="dummy", hf_overrides={"quantization_config": {"quant_method": "msmodelslim"}},
+              enforce_eager=True, max_num_seqs=2)
+    model = llm.llm_engine.runner.model
+    ints = [p for p in model.parameters() if p.dtype == torch.int8]
+    assert ints and all(p.abs().max() > 100 for p in ints)  # spread over the int8 range, not rounded to 0
+    scales = [p for n, p in model.named_parameters() if n.endswith("weight_scale")]
+    assert scales and all(torch.allclose(s, torch.full_like(s, 0.02 / 73.3)) for s in scales)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4,
+                                                                         ignore_eos=True, logprobs=0))
+    assert len(out[0].outputs[0].token_ids) == 4 and math.isfinite(out[0].outputs[0].cumulative_logprob)
