@@ -360,6 +360,7 @@ class EngineConfig:
     load_format: str = "auto"  # auto | safetensors: the checkpoint's weights; dummy: random weights
     graphs: GraphConfig = field(default_factory=GraphConfig)
     structured_outputs: dict = field(default_factory=dict)  # --structured-outputs-config (vLLM's keys)
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs per request (--max-logprobs; -1 resolved to vocab)
 
     def __post_init__(self):
         self.parallel.check_model(self.model)

@@ -89,6 +89,8 @@ class EngineArgs:
     quantization: str | None = _arg(None, "the checkpoint's format, detected when left out: fp8 (GLM-5-FP8) or "
                                           "ascend / w8a8 (msmodelslim W8A8_DYNAMIC); given, it must match",
                                     flags=("-q",))
+    max_logprobs: int = _arg(20, "most logprobs / prompt_logprobs a request may ask for; -1: no cap (the whole "
+                                 "vocabulary, which can take much host memory)", type=int)
     kv_cache_dtype: str = _arg("auto", "KV-cache dtype (only auto: the model's dtype)")
     load_format: str = _arg("auto", "auto / safetensors: the checkpoint's weights; dummy: random weights at the "
                                     "model's real size, no checkpoint files needed (benchmarks)",
@@ -187,7 +189,8 @@ class EngineArgs:
             skip_tokenizer_init=self.skip_tokenizer_init, load_format=self.load_format,
             graphs=GraphConfig.build(self.enforce_eager, self.cuda_graph_sizes, self.max_cudagraph_capture_size,
                                      self.max_num_seqs, platform_for_device(self.device).supports_graphs()),
-            structured_outputs=self._structured_outputs_config())
+            structured_outputs=self._structured_outputs_config(),
+            max_logprobs=mcfg.vocab_size if self.max_logprobs == -1 else self.max_logprobs)
 
     def _structured_outputs_config(self) -> dict:
         cfg = dict(self.structured_outputs_config or {})
@@ -204,6 +207,8 @@ class EngineArgs:
         if self.quantization not in (None, "None", "none") + tuple(_QUANTIZATION):
             raise ValueError(f"--quantization {self.quantization} is not supported; use fp8 or ascend (w8a8), or "
                              "leave it out: the checkpoint's format is detected")
+        if self.max_logprobs < -1:
+            raise ValueError(f"--max-logprobs {self.max_logprobs} must be >= 0, or -1 for no cap")
         if self.kv_cache_dtype != "auto":
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; drop it (auto)")
         if not re.fullmatch(r"(auto|cpu|cuda|npu)(:\d+)?", self.device):

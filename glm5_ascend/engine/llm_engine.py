@@ -130,6 +130,11 @@ class LLMEngine:
         """What SamplingParams cannot check alone: token ids against the vocabulary, and a structured
         output constraint, compiled (and cached) here; ValueError naming the problem."""
         vocab = self.config.model.vocab_size
+        for kind, asked in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+            n = vocab if asked == -1 else asked
+            if n is not None and n > self.config.max_logprobs:
+                raise ValueError(f"Requested {kind} logprobs of {n}, which is greater than max allowed: "
+                                 f"{self.config.max_logprobs}")
         bad = [t for t in params.logprob_token_ids or [] if t >= vocab]
         if bad:
             raise ValueError(f"logprob_token_ids {bad[:5]} are out of vocabulary (vocab_size={vocab}).")

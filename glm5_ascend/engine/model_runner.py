@@ -251,6 +251,7 @@ class ModelRunner:
         start = seq.num_computed_tokens
         stop = start + logits.shape[0]
         k = seq.params.prompt_logprobs
+        k = logits.shape[-1] if k == -1 else k  # -1: the whole vocabulary
         raw = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor(seq.token_ids[start + 1:stop + 1], device=raw.device)
         lp = raw.gather(1, targets[:, None]).squeeze(1)

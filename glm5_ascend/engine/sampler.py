@@ -174,6 +174,7 @@ class Sampler:
         # A row pinning logprob_token_ids also reports its sampled token's rank (as logprobs=0 would).
         wants = [0 if s.params.logprobs is None and s.params.logprob_token_ids else s.params.logprobs
                  for s in seqs]
+        wants = [V if w == -1 else w for w in wants]  # -1: the whole vocabulary
         lp_rows = [i for i, w in enumerate(wants) if w is not None]
         cols = [tokens[:, None].to(logits.dtype)]  # float32 holds ids and ranks < 2**24 exactly
         k = P = 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _EPS = 1e-5
-MAX_LOGPROBS = 20
 _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
@@ -116,8 +115,8 @@ class SamplingParams:
             bad(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0 or v > MAX_LOGPROBS):
-                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v}.")
+            if v is not None and (not isinstance(v, int) or v < -1):
+                bad(f"{name} must be non-negative or -1, got {v}.")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop):

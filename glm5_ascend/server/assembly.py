@@ -78,7 +78,7 @@ def build_app_from_args(args: argparse.Namespace, engine):
         engine=async_engine, tokenizer=tokenizer, served_names=names, model_path=str(model),
         max_model_len=engine.max_model_len, vocab_size=engine.config.model.vocab_size,
         kv_capacity_tokens=engine.kv_capacity_tokens, max_num_seqs=engine.config.scheduler.max_num_seqs,
-        max_logprobs=args.max_logprobs, default_sampling={k: v for k, v in defaults.items() if k != "max_tokens"},
+        max_logprobs=engine.config.max_logprobs, default_sampling={k: v for k, v in defaults.items() if k != "max_tokens"},
         default_max_tokens=defaults.get("max_tokens"), chat_template=default_template(tokenizer, override_template),
         tool_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,

@@ -84,7 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssl-certfile", default=None, help="the certificate for --ssl-keyfile")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
                    help="accepted for MTP lines; speculative decoding is not implemented (a warning is logged)")
-    p.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs a request may ask for")
     p.add_argument("--generation-config", default="auto", help="auto (the model's) | vllm (none) | DIR")
     p.add_argument("--override-generation-config", type=_json_dict, default=None,
                    help='JSON object of sampling defaults over the generation config, e.g. {"temperature": 0.6}')
@@ -131,8 +130,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"two models given ({args.model_tag} and --model {args.model}); pass only one")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (e.g. glm47)")
-    if args.max_logprobs < 0:
-        raise ValueError(f"--max-logprobs {args.max_logprobs} must be >= 0")
     for flag in ("tokenizer_pool_size", "h11_max_incomplete_event_size", "h11_max_header_count"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
@@ -142,9 +139,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} must be in 1..65535")
-    from glm5_ascend.engine.sampling_params import MAX_LOGPROBS
-    if args.max_logprobs > MAX_LOGPROBS:
-        raise ValueError(f"--max-logprobs {args.max_logprobs} exceeds the engine's limit of {MAX_LOGPROBS}")
     if args.tool_call_parser:
         from glm5_ascend.server.tool_parsers import get_tool_parser
         get_tool_parser(args.tool_call_parser)

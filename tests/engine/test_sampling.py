@@ -1,6 +1,8 @@
 """Sampler and stop semantics through the public LLM API on the tiny model."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from glm5_ascend import LLM, SamplingParams
@@ -92,7 +94,7 @@ def test_eos_stops_unless_ignored(llm):
 @pytest.mark.parametrize("kw, msg", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-5), "top_k"),
     (dict(n=0), "n must"), (dict(max_tokens=0), "max_tokens"), (dict(min_p=2), "min_p"),
-    (dict(logprobs=21), "logprobs"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(logprobs=-2), "logprobs"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(stop=["a", ""]), "empty string"),
 ])
@@ -140,3 +142,22 @@ def test_prompt_forms_of_generate_agree(llm):
     assert llm.generate(ids, p)[0].outputs[0].token_ids == want
     assert [o.outputs[0].token_ids for o in llm.generate([ids, ids], p)] == [want, want]
     assert llm.generate(prompt_token_ids=[ids], sampling_params=p)[0].outputs[0].token_ids == want
+
+
+def test_max_logprobs_caps_requests_and_minus_one_means_the_vocabulary(llm):
+    """vLLM's contract: the cap is the engine's (--max-logprobs, default 20; -1 no cap), not SamplingParams'."""
+    prompt = [{"prompt_token_ids": [5, 6, 7, 8]}]
+    with pytest.raises(ValueError, match="Requested sample logprobs of 21, which is greater than max allowed: 20"):
+        llm.generate(prompt, SamplingParams(max_tokens=2, logprobs=21))
+    vocab = llm.llm_engine.config.model.vocab_size
+    with pytest.raises(ValueError, match=f"Requested prompt logprobs of {vocab}, which is greater than max allowed"):
+        llm.generate(prompt, SamplingParams(max_tokens=2, prompt_logprobs=-1))
+    uncapped = LLM(llm.llm_engine.config.model_path, device=TEST_DEVICE, max_logprobs=-1, max_num_seqs=2, seed=0)
+    assert uncapped.llm_engine.config.max_logprobs == vocab
+    out = uncapped.generate(prompt, SamplingParams(temperature=0, max_tokens=2, logprobs=-1, prompt_logprobs=-1))[0]
+    for entry in out.outputs[0].logprobs:
+        assert len(entry) == vocab
+        assert abs(sum(math.exp(e.logprob) for e in entry.values()) - 1) < 1e-3  # the whole distribution
+    assert all(len(e) == vocab for e in out.prompt_logprobs[1:])
+    with pytest.raises(ValueError, match="--max-logprobs -2 must be >= 0, or -1"):
+        LLM(max_logprobs=-2)

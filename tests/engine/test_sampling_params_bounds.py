@@ -11,8 +11,8 @@ VALID = [
     dict(frequency_penalty=2.0), dict(repetition_penalty=1e-6), dict(repetition_penalty=2.0 ** 31),
     dict(temperature=0.0), dict(top_p=1.0), dict(top_p=1e-9), dict(top_k=0), dict(top_k=-1), dict(top_k=1),
     dict(min_p=0.0), dict(min_p=1.0), dict(max_tokens=1), dict(max_tokens=None), dict(min_tokens=0),
-    dict(min_tokens=3, max_tokens=3), dict(min_tokens=5, max_tokens=None), dict(logprobs=0), dict(logprobs=20),
-    dict(prompt_logprobs=0), dict(prompt_logprobs=20), dict(seed=0), dict(stop="x"), dict(stop_token_ids=[0]),
+    dict(min_tokens=3, max_tokens=3), dict(min_tokens=5, max_tokens=None), dict(logprobs=0), dict(logprobs=-1), dict(logprobs=10**6),
+    dict(prompt_logprobs=0), dict(prompt_logprobs=-1), dict(seed=0), dict(stop="x"), dict(stop_token_ids=[0]),
     dict(allowed_token_ids=[0]),
 ]
 
@@ -25,8 +25,7 @@ INVALID = [
     (dict(top_k=-2), "top_k"), (dict(top_k=1.5), "top_k"), (dict(min_p=-1e-9), "min_p"), (dict(min_p=1.0001), "min_p"),
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"), (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=1.0), "min_tokens"), (dict(min_tokens=4, max_tokens=3), "min_tokens"),
-    (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(prompt_logprobs=21), "prompt_logprobs"),
-    (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(logprobs=1.0), "logprobs"), (dict(seed=1.5), "seed"),
+    (dict(logprobs=-2), "logprobs must be non-negative or -1"), (dict(prompt_logprobs=-2), "prompt_logprobs"), (dict(logprobs=1.0), "logprobs"), (dict(seed=1.5), "seed"),
     (dict(stop=[""]), "empty string"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(allowed_token_ids=[]), "allowed_token_ids"),
 ]

@@ -26,7 +26,7 @@ CASES = [
     (["--tool-call-parser", "hermes"], 1, "unknown tool parser"),
     (["--reasoning-parser", "deepseek_r1"], 1, "unknown reasoning parser"),
     (["--enable-auto-tool-choice"], 1, "--tool-call-parser"),
-    (["--max-logprobs", "50"], 1, "--max-logprobs"),
+    (["--max-logprobs", "-2"], 1, "--max-logprobs -2 must be >= 0, or -1"),
     (["--chat-template", "/no/such/template.jinja"], 1, "no such file"),
     (["--max-model-len", "1M"], 1, "max_position_embeddings"),
     (["--block-size", "100"], 1, "--block-size"),
