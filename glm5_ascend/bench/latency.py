@@ -58,8 +58,8 @@ def summarize(iterations: list[tuple[float, list]], roofline: offline.Roofline, 
         out["prefill"] = {"seconds": t, "flops": prefill_flops, "flops_per_s": prefill_flops / t,
                           "share_of_matmul_peak": prefill_flops / t / ceil.matmul_flops}
     if full:
-        step = statistics.median(r.seconds for r in full)
-        mid = sorted(full, key=lambda r: r.seconds)[len(full) // 2]
+        mid = sorted(full, key=lambda r: r.seconds)[len(full) // 2]  # the median step, bound by its own bytes
+        step = mid.seconds
         nbytes = roofline.step_bytes(mid)
         bound = nbytes / ceil.copy_bps
         out["decode"] = {"steps": len(full), "median_step_seconds": step,
@@ -68,15 +68,15 @@ def summarize(iterations: list[tuple[float, list]], roofline: offline.Roofline, 
     return out
 
 
-def report(summary: dict, args, ceil: offline.Ceilings, who: str = "") -> list[str]:
+def report(summary: dict, args, ceil: offline.Ceilings) -> list[str]:
     lines = []
     p, d = summary["prefill"], summary["decode"]
     if p:
-        lines.append(f"{who}Prefill: {args.batch_size} x {args.input_len} tokens in {p['seconds'] * 1e3:.1f} ms "
+        lines.append(f"Prefill: {args.batch_size} x {args.input_len} tokens in {p['seconds'] * 1e3:.1f} ms "
                      f"(median); {offline.si(p['flops'], 'FLOP')} -> {offline.si(p['flops_per_s'], 'FLOP/s')} = "
                      f"{offline.percent(p['flops_per_s'], ceil.matmul_flops)} of the measured matmul peak")
     if d:
-        lines.append(f"{who}Decode: batch {args.batch_size}, mean context {d['mean_context']:.0f}: step "
+        lines.append(f"Decode: batch {args.batch_size}, mean context {d['mean_context']:.0f}: step "
                      f"{d['median_step_seconds'] * 1e3:.2f} ms (median of {d['steps']}); a step reads "
                      f"{offline.si(d['step_bytes'], 'B')} of weights + KV -> bound {d['bound_seconds'] * 1e3:.2f} ms "
                      f"at {offline.si(ceil.copy_bps, 'B/s')}: {offline.percent(d['bound_seconds'], d['median_step_seconds'])}"

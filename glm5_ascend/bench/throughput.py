@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-name", choices=["random", "sharegpt"], default="random")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (for --dataset-name sharegpt)")
     p.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request (random)")
-    p.add_argument("--output-len", type=int, default=128,
-                   help="generated tokens per request (random; with sharegpt: fixes every answer's length)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="generated tokens per request (random: default 128; sharegpt: default each answer's "
+                        "length)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="draw lengths uniformly in [len*(1-r), len*(1+r)]; 0 <= r < 1")
@@ -46,12 +47,12 @@ def _requests(args, llm, rng: np.random.Generator) -> tuple[list[list[int]], lis
                              "or pass --tokenizer PATH")
         path = args.tokenizer or llm.llm_engine.config.model_path
         reqs = datasets.sharegpt_requests(datasets.LocalTokenizer(path), args.dataset_path, args.num_prompts,
-                                          args.output_len if args.output_len != 128 else None, seed=0)
+                                          args.output_len, seed=0)
         return [tok.encode(r.prompt, add_special_tokens=True) for r in reqs], [r.expected_output_len for r in reqs]
     if not 0 <= args.random_range_ratio < 1:
         raise ValueError(f"--random-range-ratio {args.random_range_ratio} must be in [0, 1)")
     lo_in, hi_in = datasets._length_range(args.input_len, args.random_range_ratio)
-    lo_out, hi_out = datasets._length_range(args.output_len, args.random_range_ratio)
+    lo_out, hi_out = datasets._length_range(args.output_len or 128, args.random_range_ratio)
     vocab = llm.llm_engine.config.model.vocab_size
     prefix = offline.random_prompts(rng, vocab, [args.random_prefix_len])[0]
     lengths = rng.integers(lo_in, hi_in + 1, args.num_prompts).tolist()
@@ -61,7 +62,7 @@ def _requests(args, llm, rng: np.random.Generator) -> tuple[list[list[int]], lis
 
 def main(args: argparse.Namespace) -> int:
     for name in ("input_len", "output_len", "num_prompts"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.random_prefix_len < 0:
         raise ValueError(f"--random-prefix-len {args.random_prefix_len} must be at least 0")
@@ -102,10 +103,11 @@ def main(args: argparse.Namespace) -> int:
     decode = [r for r in steps if r.is_decode]
     if decode:
         med = sorted(decode, key=lambda r: r.seconds)[len(decode) // 2]
-        bound = roofline.step_bytes(med) / ceil.copy_bps
+        nbytes = roofline.step_bytes(med)
+        bound = nbytes / ceil.copy_bps
         batch = statistics.mean(len(r.decode_contexts) for r in decode)
         print(f"Decode steps ({len(decode)}, mean batch {batch:.1f}): median {med.seconds * 1e3:.2f} ms; that step "
-              f"reads {offline.si(roofline.step_bytes(med), 'B')} -> bound {bound * 1e3:.2f} ms: "
+              f"reads {offline.si(nbytes, 'B')} -> bound {bound * 1e3:.2f} ms: "
               f"{offline.percent(bound, med.seconds)} of the bound")
         result["decode"] = {"steps": len(decode), "mean_batch": batch, "median_step_seconds": med.seconds,
                             "median_step_bound_seconds": bound}

@@ -113,3 +113,17 @@ def test_bad_flags_are_one_line_errors(args, message):
     proc = bench(*args, "--num-iters-warmup", "0", "--num-iters", "1") if args[0] == "latency" else bench(*args)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_throughput_on_sharegpt_takes_each_answers_length_unless_fixed(tmp_path):
+    data = tmp_path / "sharegpt.json"
+    turns = [{"from": "human", "value": "Tell me a long story about a cat and a dog please now"},
+             {"from": "gpt", "value": "Once upon a time there was a cat who lived with a dog in a small house."}]
+    data.write_text(json.dumps([{"conversations": turns}] * 3))
+    outputs = []
+    for extra in ([], ["--output-len", "5"]):
+        proc = bench("throughput", "--dataset-name", "sharegpt", "--dataset-path", str(data), "--num-prompts", "3",
+                     *extra)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(int(proc.stdout.split("Total num output tokens:")[1].split()[0]))
+    assert outputs[1] == 15 and outputs[0] > 15 and outputs[0] % 3 == 0  # every answer's own length
