@@ -241,6 +241,7 @@ class Cluster:
             while True:
                 client.add(f"{_KEY}hb/{self.rank}", 1)
                 if client.check([f"{_KEY}shutdown"]):
+                    client.add(f"{_KEY}bye", 1)  # rank 0 keeps its store up until every rank has seen this
                     os._exit(0)
                 if self.pc.launcher == "spawn" and self.rank != self.pc.first_rank and os.getppid() != parent:
                     os._exit(1)  # our node's first rank is gone (PDEATHSIG covers most cases)
@@ -258,6 +259,10 @@ class Cluster:
         self._closed = True
         try:
             self.store.set(f"{_KEY}shutdown", "1")
+            if self.rank == 0:  # ranks on other nodes read the key from this process's store: let them
+                seen_by = time.monotonic() + 3 * _BEAT_S  # (a dead rank never answers: bounded)
+                while self.store.add(f"{_KEY}bye", 0) < self.pc.world_size - 1 and time.monotonic() < seen_by:
+                    time.sleep(0.05)
         except Exception:  # noqa: BLE001 - the store may already be gone
             pass
         deadline = time.monotonic() + 10
