@@ -37,7 +37,8 @@ def stream_usage(stream_options, force: bool = False) -> tuple[bool, bool]:
 
 # -------------------------------------------------------------------- logprobs
 def completion_logprobs(ctx, token_ids: list[int], entries: list, num: int, offset: int, as_id: bool) -> dict:
-    """OpenAI's completion logprobs ({text_offset, token_logprobs, tokens, top_logprobs}) for token_ids."""
+    """OpenAI's completion logprobs ({text_offset, token_logprobs, tokens, top_logprobs}) for token_ids;
+    num = -1: every entry (the pinned logprob_token_ids)."""
     offsets, token_lps, tokens, tops = [], [], [], []
     for tid, entry in zip(token_ids, entries):
         token = ctx.token_text(tid, as_id)
@@ -48,7 +49,7 @@ def completion_logprobs(ctx, token_ids: list[int], entries: list, num: int, offs
             token_lps.append(logprob_value(entry[tid].logprob))
             # The sampled token comes first, then the top ones: up to num + 1 entries (vLLM's rule).
             tops.append({ctx.token_text(t, as_id): logprob_value(lp.logprob)
-                         for i, (t, lp) in enumerate(entry.items()) if i <= num})
+                         for i, (t, lp) in enumerate(entry.items()) if i <= num or num == -1})
         offsets.append(offset)
         offset += len(token)
         tokens.append(token)

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 logger = logging.getLogger(__name__)
 _INT64 = 2 ** 63
 # vLLM request fields this server does not implement, with the value that asks for nothing (accepted).
-UNSUPPORTED_FIELDS = {"use_beam_search": False, "length_penalty": 1.0, "early_stopping": False,
-                      "bad_words": None, "logits_processors": None, "prompt_embeds": None,
+UNSUPPORTED_FIELDS = {"bad_words": None, "logits_processors": None, "prompt_embeds": None,
                       "kv_transfer_params": None, "mm_processor_kwargs": None, "cache_salt": None,
                       "vllm_xargs": None, "thinking_token_budget": None}
 Int64 = Field(default=None, ge=-_INT64, le=_INT64 - 1)
@@ -91,10 +90,11 @@ class _SamplingRequest(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     truncation_side: Literal["left", "right"] | None = None  # with truncate_prompt_tokens: which end is cut
-    # Declared so that a request using them is refused by name (_refuse_unsupported), not silently ignored.
-    use_beam_search: bool | None = False
+    logprob_token_ids: list[int] | None = None  # with logprobs: these ids' logprobs instead of the top ones
+    use_beam_search: bool | None = False  # n beams (engine/beam_search.py)
     length_penalty: float | None = 1.0
-    early_stopping: bool | str | None = False
+    early_stopping: bool | str | None = False  # accepted and unused, as in vLLM's beam search
+    # Declared so that a request using them is refused by name (_refuse_unsupported), not silently ignored.
     bad_words: list[str] | None = None
     logits_processors: list[Any] | None = None
     prompt_embeds: Any = None

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from glm5_ascend.engine.beam_search import BeamSearchParams
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.errors import BadRequest
 from glm5_ascend.server.limits import text_chars
@@ -123,6 +124,7 @@ class _Prepared:
     role: str
     tool_parser: str | None
     echo_text: str | None
+    beam: BeamSearchParams | None = None
 
 
 class ChatServing:
@@ -149,7 +151,7 @@ class ChatServing:
         if req.echo and last.role == role and last.content:
             echo_text = last.content if isinstance(last.content, str) else "\n".join(
                 p.get("text", "") for p in last.content if isinstance(p, dict))
-        return _Prepared(ids, params, role, tool_parser, echo_text)
+        return _Prepared(ids, params, role, tool_parser, echo_text, ctx.beam_params(req, params))
 
     def _tool_parser(self, req: ChatCompletionRequest) -> str | None:
         ctx, choice = self.ctx, req.tool_choice
@@ -174,7 +176,8 @@ class ChatServing:
         return reason
 
     def _logprobs(self, req, token_ids: list[int], entries: list) -> dict:
-        return chat_logprobs(self.ctx, token_ids, entries, req.top_logprobs or 0, self.ctx.as_ids(req))
+        k = -1 if req.logprob_token_ids else req.top_logprobs or 0  # pinned ids: all of them, after the token
+        return chat_logprobs(self.ctx, token_ids, entries, k, self.ctx.as_ids(req))
 
     # ---------------------------------------------------------------- one response
     async def _prepare(self, req: ChatCompletionRequest) -> _Prepared:
@@ -185,7 +188,7 @@ class ChatServing:
     async def full(self, req: ChatCompletionRequest, request_id: str, model: str) -> dict:
         prep = await self._prepare(req)
         final = None
-        async for out in self.ctx.engine.generate(prep.ids, prep.params, self.ctx.engine_id(request_id)):
+        async for out in self.ctx.generate(prep.ids, prep.params, prep.beam, request_id):
             final = out
         choices, completion_tokens = [], 0
         for o in final.outputs:
@@ -253,7 +256,7 @@ class ChatServing:
         parsers = [self._parser(req, prep) for _ in range(n)]
         states = [ChoiceStream() for _ in range(n)]
         opened, final = False, None
-        async for out in ctx.engine.generate(prep.ids, prep.params, ctx.engine_id(request_id)):
+        async for out in ctx.generate(prep.ids, prep.params, prep.beam, request_id):
             final = out
             if not opened:  # like vLLM, the role chunk comes with the first output, after prefill
                 opened = True

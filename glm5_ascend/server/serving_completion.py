@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from glm5_ascend.engine.beam_search import BeamSearchParams
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.engine.sequence import RequestOutput
 from glm5_ascend.server.errors import BadRequest
@@ -20,6 +21,7 @@ class _Prompt:
     ids: list[int]
     params: SamplingParams
     echo_only: bool = False  # echo with max_tokens=0 (scoring a prompt): one token is run, none is shown
+    beam: BeamSearchParams | None = None
 
 
 async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -82,10 +84,18 @@ class CompletionServing:
                 prompt_lp = max(prompt_lp or 0, req.logprobs)  # echoed tokens carry logprobs too
             if echo_only:
                 ctx.max_tokens(len(ids), 1)  # the prompt must still fit
+                if req.logprob_token_ids:
+                    raise BadRequest("logprob_token_ids needs generated tokens, and echo with max_tokens=0 generates "
+                                     "none; drop it or ask for tokens.", param="logprob_token_ids")
             params = ctx.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
             echo_text = (p if isinstance(p, str) else ctx.tok.decode(ids)) if req.echo else None
-            prompts.append(_Prompt(echo_text, ids, params, echo_only))
+            prompts.append(_Prompt(echo_text, ids, params, echo_only, ctx.beam_params(req, params)))
         return prompts
+
+    @staticmethod
+    def _shown(req: CompletionRequest) -> int:
+        """How many logprobs a token shows besides its own: the top `logprobs`, or every pinned id (-1)."""
+        return -1 if req.logprob_token_ids else req.logprobs
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text or ""
@@ -96,9 +106,8 @@ class CompletionServing:
             if isinstance(p, str):  # refused before any of the prompts is tokenized
                 self.ctx.reject_long_text(len(p))
         prompts = await self.ctx.off_loop(self.prepare, req)
-        base = self.ctx.engine_id(request_id)
         # The engine gets token ids only: no copy of the prompt text outlives tokenization there.
-        gens = [self.ctx.engine.generate(p.ids, p.params, f"{base}-{i}") for i, p in enumerate(prompts)]
+        gens = [self.ctx.generate(p.ids, p.params, p.beam, request_id) for p in prompts]
         return prompts, merge(gens)
 
     # ---------------------------------------------------------------- one response
@@ -137,7 +146,7 @@ class CompletionServing:
             if req.echo:
                 prompt_entries = out.prompt_logprobs or [None] * len(p.ids)
                 ids, entries = p.ids + ids, list(prompt_entries) + entries
-            logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, 0, as_id)
+            logprobs = completion_logprobs(ctx, ids, entries, self._shown(req), 0, as_id)
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason,
                   "stop_reason": o.stop_reason,
                   "prompt_logprobs": prompt_logprobs_json(ctx, out.prompt_logprobs) if req.prompt_logprobs
@@ -180,7 +189,7 @@ class CompletionServing:
                     if req.echo and first:
                         ids = p.ids + ids
                         entries = list(out.prompt_logprobs or [None] * len(p.ids)) + entries
-                    logprobs = completion_logprobs(ctx, ids, entries, req.logprobs, offsets.get(index, 0), as_id)
+                    logprobs = completion_logprobs(ctx, ids, entries, self._shown(req), offsets.get(index, 0), as_id)
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
                 choice = {"index": index, "text": prefix + delta, "logprobs": logprobs,
                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}

@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from glm5_ascend.engine.beam_search import BeamSearchParams, beam_search
 from glm5_ascend.engine.sampling_params import SamplingParams
 from glm5_ascend.server.chat_template import render_chat
 from glm5_ascend.server.errors import BadRequest, NotFound
@@ -39,6 +40,7 @@ class ServingContext:
     kv_capacity_tokens: int
     max_num_seqs: int = 256
     max_logprobs: int = 20
+    eos_token_ids: frozenset = frozenset()  # the engine's: where a beam ends
     default_sampling: dict = field(default_factory=dict)  # from generation_config.json
     default_max_tokens: int | None = None  # generation_config.json max_new_tokens
     chat_template: str | None = None
@@ -207,6 +209,13 @@ class ServingContext:
                     kind = "sample" if name == "logprobs" else "prompt"
                     raise BadRequest(f"Requested {kind} logprobs of {asked}, which is greater than max allowed: "
                                      f"{self.max_logprobs}", param=name)
+        pinned = None
+        if req.logprob_token_ids and logprobs is not None:  # vLLM: these ids replace the top ones
+            bad = [t for t in req.logprob_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise BadRequest(f"logprob_token_ids {bad[:10]} are out of vocabulary (vocab_size="
+                                 f"{self.vocab_size}); send ids in [0, {self.vocab_size}).", param="logprob_token_ids")
+            pinned, logprobs = list(dict.fromkeys(req.logprob_token_ids)), None
         d = self.default_sampling
 
         def pick(name):
@@ -225,9 +234,39 @@ class ServingContext:
                                      else skip_special_tokens),
                 spaces_between_special_tokens=bool(req.spaces_between_special_tokens),
                 logit_bias=self._logit_bias(req.logit_bias), allowed_token_ids=self._allowed(req.allowed_token_ids),
-                structured_outputs=constraint)
+                logprob_token_ids=pinned, structured_outputs=constraint)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    def beam_params(self, req, params: SamplingParams) -> BeamSearchParams | None:
+        """vLLM's BeamSearchParams for a `use_beam_search` request (None without it): n beams; the request's
+        temperature, else the generation config's, else 1.0."""
+        if not req.use_beam_search:
+            return None
+        if req.logprob_token_ids:
+            raise BadRequest("logprob_token_ids cannot be used with beam search; drop one of them.",
+                             param="logprob_token_ids")
+        if params.structured_outputs is not None:
+            raise BadRequest("beam search does not apply structured outputs (response_format, structured_outputs, "
+                             "a required or named tool choice); drop use_beam_search or the constraint.",
+                             param="use_beam_search")
+        if 2 * params.n > self.max_logprobs:
+            raise BadRequest(f"beam search with n={params.n} ranks {2 * params.n} candidates per beam, more than "
+                             f"--max-logprobs {self.max_logprobs}; use n <= {self.max_logprobs // 2} or raise "
+                             "--max-logprobs.", param="n")
+        temperature = req.temperature if req.temperature is not None else self.default_sampling.get("temperature", 1.0)
+        return BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                                temperature=temperature, include_stop_str_in_output=params.include_stop_str_in_output,
+                                length_penalty=1.0 if req.length_penalty is None else req.length_penalty)
+
+    def generate(self, ids: list[int], params: SamplingParams, beam: BeamSearchParams | None, request_id: str):
+        """The engine's RequestOutputs for one prompt: a plain request, or a beam search (one final output)."""
+        rid = self.engine_id(request_id)
+        if beam is None:
+            return self.engine.generate(ids, params, rid)
+        skip = params.skip_special_tokens
+        return beam_search(self.engine, ids, beam, rid, self.eos_token_ids, seed=params.seed,
+                           decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=skip))
 
     def _logit_bias(self, bias: dict | None) -> dict[int, float] | None:
         if not bias:
