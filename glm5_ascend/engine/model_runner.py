@@ -8,6 +8,7 @@ collectives line up), and only the leader samples.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,59 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.caches, self.platform, self.device, sizes, max_blocks,
                                        pad_slot=num_blocks * self.block_size)
             self.graphs.capture()
+        if self.device.type != "cpu":
+            self.warm_up()
+
+    # ---- start-up ----
+    def _synthetic(self, lens: list[tuple[int, int]]) -> StepInput | None:
+        """A step of token-0 sequences, one per (context, new tokens), over consecutive blocks from block 0
+        (nothing is cached yet, so what it writes is overwritten before it is read). None if it does not fit."""
+        bs = self.block_size
+        ids, pos, slots, cu, seq_lens, tables, rows = [], [], [], [0], [], [], []
+        block = 0
+        for ctx, n in lens:
+            table = list(range(block, block + -(-(ctx + n) // bs)))
+            block += len(table)
+            pos.extend(range(ctx, ctx + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(ctx, ctx + n))
+            cu.append(cu[-1] + n)
+            rows.append(cu[-1] - 1)
+            seq_lens.append(ctx + n)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        if block > self.num_blocks or width * bs > self.config.scheduler.max_model_len + bs:
+            return None
+        return StepInput(np.zeros(len(pos), dtype=np.int64), np.array(pos, dtype=np.int64),
+                         np.array(slots, dtype=np.int64), cu, np.array(seq_lens, dtype=np.int32),
+                         np.array([max(ctx, 1) if n == 1 else ctx + n for ctx, n in lens], dtype=np.int32),
+                         np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32), rows)
+
+    @torch.inference_mode()
+    def warm_up(self) -> int:
+        """Compile, before the first request, every kernel variant an eager step can need (no request
+        pays a compile, issue 16): Triton specialises integer arguments that are 1 or a multiple of 16
+        and the batch's power-of-two padding, so prefills of 1, 2, 4, ... up to --max-num-seqs
+        sequences, of 16 and of 5 tokens each; a prompt past the indexer's top-k (its selection
+        kernel); and a step mixing a decode row with a prefill. Every rank runs the same steps."""
+        start = time.perf_counter()
+        sc, topk = self.config.scheduler, self.config.model.index_topk
+        steps = []
+        b = 1
+        while b <= sc.max_num_seqs:
+            steps += [[(0, n)] * b for n in (16, 5)]
+            b *= 2
+        steps += [[(0, topk + 17)], [(40, 1), (0, 7)], [(40, 1), (40, 1), (0, 7)]]
+        ran = 0
+        for lens in steps:
+            step = self._synthetic(lens)
+            if step is None or len(step.ids) > sc.max_num_batched_tokens:
+                continue
+            hidden, _ = self._forward(step)
+            self._logits(step, hidden)
+            ran += 1
+        self.platform.synchronize()
+        logger.info("warm-up: %d eager step shapes compiled in %.1f s", ran, time.perf_counter() - start)
+        return ran
 
     # ---- one step ----
     def prepare(self, batch: ScheduledBatch) -> StepInput:

@@ -239,7 +239,7 @@ def moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
 
     The reference waits for the GPU twice (the kept count, then a boolean gather for the counts) and
     copies rows with an advanced-indexing gather. Here dropped ids sort last as a virtual expert E, one
-    bincount gives the counts and the dropped count together, and that count is the one host sync the
+    index_add gives the counts and the dropped count together, and that count is the one host sync the
     contract needs (N sizes the result); the rows are copied by one kernel.
     """
     T, D = hidden.shape
@@ -248,7 +248,10 @@ def moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     # 32-bit keys: a radix sort over half the bits of the reference's int64 ids, same stable order
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts).to(torch.int32)
     order = torch.argsort(key, stable=True)
-    per_key = torch.bincount(key, minlength=num_experts + 1)  # int64, as the reference's counts
+    # int64 counts, as the reference's. Not bincount: on CUDA it reads the largest key back to size its
+    # result, a host sync that a graph capture refuses.
+    per_key = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device).index_add_(
+        0, key, torch.ones_like(key, dtype=torch.int64))
     if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # a decode graph: no host sync, padded result (ops/__init__)
         n = T * topk
         order = torch.where(key[order] < num_experts, order, -1)  # dropped copies sort last: padding rows

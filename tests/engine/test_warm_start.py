@@ -32,3 +32,17 @@ def test_first_request_at_each_batch_size_runs_warm():
         if first > 1.5 * warm + 0.1:
             slow.append(f"batch {batch}: first {first * 1e3:.0f} ms, warm {warm * 1e3:.0f} ms")
     assert not slow, "first requests paid a compile: " + "; ".join(slow)
+
+
+def test_warm_up_steps_leave_the_engine_as_they_found_it():
+    """The start-up warm-up (run on GPUs and NPUs, where kernels compile) writes scratch KV into blocks no
+    request holds yet: run here on the CPU, it must change no answer, and every step shape it plans fits."""
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5 + (7 * i + j) % 180 for j in range(9 + 11 * i)]} for i in range(4)]
+    plain = LLM(max_num_seqs=MAX_SEQS, seed=1)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    warmed = LLM(max_num_seqs=MAX_SEQS, seed=1)
+    runner = warmed.llm_engine.runner
+    assert runner.warm_up() == 2 * 4 + 3  # 1, 2, 4, 8 sequences x 2 lengths, a long prompt, two mixed steps
+    assert [o.outputs[0].token_ids for o in warmed.generate(prompts, params)] == want
+    assert runner._synthetic([(0, 10 ** 6)]) is None  # a shape past the cache is skipped, not run
