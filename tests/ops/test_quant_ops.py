@@ -1,6 +1,9 @@
 """W8A8 ops: the reference against an error bound, the npu backend (real or emulated) against the reference."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -97,3 +100,34 @@ def test_emulated_per_token_gmm_holds_its_documented_dtypes(npu_backend, device)
         npu_backend.npu_grouped_matmul([x], [w], output_dtype=torch.bfloat16, **{**kw, "scale": [torch.ones(8)]})
     with pytest.raises(RuntimeError, match="x must be float16 or bfloat16"):
         npu_backend.npu_dynamic_quant(torch.zeros(2, 4))
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or _INTERPRET), reason="needs a CUDA GPU or Triton's interpreter")
+@pytest.mark.parametrize("counts,pad,D,inter", [
+    ([3, 0, 5, 2], 2, 64, 32),         # decode-sized: 16-row tiles; K not a multiple of the 128 K step
+    ([70, 1, 0, 90], 5, 256, 128),     # prefill-sized: 64-row tiles, rows past one tile, even K
+])
+def test_cuda_grouped_mlp_w8a8_equals_reference(counts, pad, D, inter):
+    """The Triton W8A8 grouped GEMM (ops/quant/cuda.py) against the reference: int32 products exact, the
+    dequantization rounded alike; only SwiGLU's sigmoid may differ in the last bit (then requantized)."""
+    from glm5_ascend.ops.quant import cuda
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter multiplies no bf16
+    gen = torch.Generator().manual_seed(4)
+    E = len(counts)
+    w13 = [_weights(2 * inter, D, gen, dev) for _ in range(E)]
+    w2 = [_weights(D, inter, gen, dev) for _ in range(E)]
+    args = (torch.stack([a for a, _ in w13]), torch.stack([b for _, b in w13]),
+            torch.stack([a for a, _ in w2]), torch.stack([b for _, b in w2]))
+    c = torch.tensor(counts, device=dev)
+    n = sum(counts)
+    x = torch.randn(n + pad, D, generator=gen).to(dtype).to(dev)  # `pad` rows past sum(counts): unspecified
+    got = cuda.grouped_mlp_w8a8(x, c, *args)[:n].float().cpu()
+    want = reference.grouped_mlp_w8a8(x.cpu(), c.cpu(), *(a.cpu() for a in args)).float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-5), rel
+    if dtype == torch.float32:
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
