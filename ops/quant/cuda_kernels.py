@@ -41,13 +41,13 @@ def w8a8_grouped_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, table_ptr, n_prog
                 km = (k0 + offs_k) < k_dim
                 a = tl.load(a_ptrs, mask=km[None, :], other=0)
                 bg = tl.load(g_ptrs, mask=km[None, :], other=0)
-            acc_g = tl.dot(a, tl.trans(bg), acc_g)
+            acc_g = tl.dot(a, tl.trans(bg), acc_g, out_dtype=tl.int32)
             if SWIGLU:
                 if EVEN_K:
                     bu = tl.load(g_ptrs + up)
                 else:
                     bu = tl.load(g_ptrs + up, mask=km[None, :], other=0)
-                acc_u = tl.dot(a, tl.trans(bu), acc_u)
+                acc_u = tl.dot(a, tl.trans(bu), acc_u, out_dtype=tl.int32)
             a_ptrs += BK
             g_ptrs += BK
         xs = tl.load(xs_ptr + rows_c)
