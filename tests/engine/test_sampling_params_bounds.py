@@ -13,7 +13,7 @@ VALID = [
     dict(min_p=0.0), dict(min_p=1.0), dict(max_tokens=1), dict(max_tokens=None), dict(min_tokens=0),
     dict(min_tokens=3, max_tokens=3), dict(min_tokens=5, max_tokens=None), dict(logprobs=0), dict(logprobs=-1), dict(logprobs=10**6),
     dict(prompt_logprobs=0), dict(prompt_logprobs=-1), dict(seed=0), dict(stop="x"), dict(stop_token_ids=[0]),
-    dict(allowed_token_ids=[0]),
+    dict(allowed_token_ids=[0]), dict(logprob_token_ids=[]), dict(logprob_token_ids=[0, 7]),
 ]
 
 INVALID = [
@@ -27,7 +27,9 @@ INVALID = [
     (dict(min_tokens=1.0), "min_tokens"), (dict(min_tokens=4, max_tokens=3), "min_tokens"),
     (dict(logprobs=-2), "logprobs must be non-negative or -1"), (dict(prompt_logprobs=-2), "prompt_logprobs"), (dict(logprobs=1.0), "logprobs"), (dict(seed=1.5), "seed"),
     (dict(stop=[""]), "empty string"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
-    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(logprob_token_ids=[-1]), "logprob_token_ids"),
+    (dict(logprob_token_ids=[1.0]), "logprob_token_ids"), (dict(logprob_token_ids=(1, 2)), "logprob_token_ids"),
+    (dict(logprob_token_ids=[3, -2]), "logprob_token_ids"),
 ]
 
 

@@ -210,3 +210,43 @@ def test_grouped_mlp_reads_the_cuda_backends_packed_weights():
     assert torch.equal(moe.unpack_weights(pack(w13, 16, 32)), w13)
     assert torch.equal(moe.grouped_mlp(x, counts, pack(w13, 16, 32), pack(w2, 32, 16)),
                        moe.grouped_mlp(x, counts, w13, w2))
+
+
+# ---- boundaries the mutation run found unchecked (docs/testing.md)
+def test_mla_cache_write_writes_slot_zero_beside_padding():
+    lat, rope, idx = torch.arange(1.0, 4.0)[:, None].repeat(1, 8), torch.ones(3, 4), torch.ones(3, 6)
+    caches = [torch.zeros(2, 4, d) for d in (8, 4, 6)]
+    dsa.mla_cache_write(lat, rope, idx, torch.tensor([0, -1, 5]), *caches)
+    flat = caches[0].view(-1, 8)
+    assert torch.equal(flat[0], lat[0]) and torch.equal(flat[5], lat[2])
+    assert int((flat.abs().sum(-1) > 0).sum()) == 2  # the -1 row went nowhere
+
+
+def test_moe_permute_drops_the_id_equal_to_num_experts_and_keeps_copy_order():
+    E, k = 4, 2
+    ids = torch.tensor([[0, E], [-1, 3], [E, 0]])
+    permuted, order, counts = moe.moe_permute(torch.arange(3.0)[:, None], ids, E)
+    assert counts.tolist() == [2, 0, 0, 1] and order.tolist() == [0, 5, 3]
+    # many copies of one expert come out in flat-index order (a stable sort), whatever the sort would do
+    many = torch.zeros(3000, k, dtype=torch.long)
+    many[::3, 1] = 1
+    _, order, counts = moe.moe_permute(torch.zeros(3000, 1), many, E)
+    zeros = order[:int(counts[0])]
+    assert (zeros[1:] > zeros[:-1]).all()
+
+
+def test_row_groups_and_tie_flags_on_a_hand_made_tie():
+    """Every key scores exactly 0 (all-zero keys), so each prompt row with more causal keys than topk
+    keeps some of several equal scores: those rows, and only those, are flagged; a generated row is
+    never flagged (its row length is pos + 1, not the prompt's)."""
+    assert dsa._row_groups(torch.arange(6), 6) == [(0, 6, 6)]
+    assert dsa._row_groups(torch.tensor([4, 5, 6, 7]), 6) == [(0, 2, 6), (2, 3, 7), (3, 4, 8)]
+    assert dsa._row_groups(torch.tensor([6]), 6) == [(0, 1, 7)]
+    batch = make_batch([7], [7], 4)  # one sequence: 6 prompt positions, then one generated
+    q, w = torch.ones(7, 2, 8), torch.ones(7, 2)
+    cache = torch.zeros(batch.num_blocks, 4, 8)
+    flags = torch.zeros(7, dtype=torch.bool)
+    top = dsa.lightning_indexer(q, w, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 2, 1.0,
+                                prompt_lens=torch.tensor([6]), tie_flags=flags)
+    assert flags.tolist() == [False, False, True, True, True, True, False]
+    assert top[0].tolist() == [0, -1] and top[1].sort().values.tolist() == [0, 1]
