@@ -1,10 +1,11 @@
-"""Beam search, as vLLM's OpenAI server runs it (`use_beam_search`): over the ordinary engine, one token at a time.
+"""Beam search as vLLM's OpenAI server runs it (`use_beam_search`): over the ordinary engine, a token a step.
 
 Each step runs every live beam as a one-token request asking for the top 2 x beam_width logprobs; with the
-prefix cache only the tokens past a beam's last full cached block are computed again. Every candidate (the beam plus one of those tokens) is scored
-by its cumulative logprob; the best beam_width go on. A candidate ending in EOS is set aside as finished. At
-the end the finished and the live beams are ranked by cumulative logprob / length ** length_penalty (the length
-counting the prompt, without a final EOS) and the best beam_width are the choices, best first.
+prefix cache only the tokens past a beam's last full cached block are computed again. Every candidate (the
+beam plus one of those tokens) is scored by its cumulative logprob; the best beam_width go on. A candidate
+ending in EOS is set aside as finished. At the end the finished and the live beams are ranked by cumulative
+logprob / length ** length_penalty (the length counting the prompt, without a final EOS) and the best
+beam_width are the choices, best first.
 
 ``BeamSearch`` is that state machine; ``beam_search`` drives it over an AsyncEngine.
 """
