@@ -95,13 +95,16 @@ class BeamSearch:
         return sorted(self.finished + self.live, key=self._key, reverse=True)[:self.params.beam_width]
 
     def outputs(self, decode: Callable[[list[int]], str] | None) -> list[CompletionOutput]:
-        """The choices, best first. decode turns generated ids into text (None: no text)."""
+        """The choices, best first. decode turns generated ids into text (None: no text). A beam that ended
+        on EOS lists the EOS id only with include_stop_str_in_output, and never shows its text (vLLM's rule)."""
         outs = []
         for i, beam in enumerate(self.best()):
             ids = beam.tokens[self.prompt_len:]
-            shown = ids[:-1] if beam.finish_reason == "stop" and not self.params.include_stop_str_in_output else ids
+            text_ids = ids[:-1] if beam.finish_reason == "stop" else ids  # vLLM never shows the EOS's text
+            if beam.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                ids = text_ids  # nor, by default, its id (its logprob stays in cumulative_logprob)
             outs.append(CompletionOutput(
-                index=i, text=decode(shown) if decode is not None else "", token_ids=ids,
+                index=i, text=decode(text_ids) if decode is not None else "", token_ids=ids,
                 cumulative_logprob=beam.cum_logprob, logprobs=beam.logprobs,
                 finish_reason=beam.finish_reason or "length", stop_reason=beam.stop_reason))
         return outs

@@ -49,25 +49,25 @@ def test_two_beams_finish_on_eos_and_rank_by_normalised_score():
     best = sorted([((5, 7, EOS), 0.5 * 0.9 * 0.6), ((EOS,), 0.3), ((5, 7, 8, EOS), 0.5 * 0.9 * 0.4),
                    ((6, EOS), 0.2), ((5, EOS), 0.05)],
                   key=lambda sp: -math.log(sp[1]) / (len(PROMPT) + len(sp[0]) - 1))
-    assert [tuple(o.token_ids) for o in outs] == [best[0][0], best[1][0]]
+    assert [tuple(o.token_ids) for o in outs] == [best[0][0][:-1], best[1][0][:-1]]  # the EOS is not listed
     for o, (ids, p) in zip(outs, best):
-        assert o.cumulative_logprob == pytest.approx(math.log(p))
+        assert o.cumulative_logprob == pytest.approx(math.log(p))  # but its logprob counts
         assert o.finish_reason == "stop" and o.stop_reason == EOS
-        assert o.text == " ".join(map(str, ids[:-1]))  # the EOS is not shown
+        assert o.text == " ".join(map(str, ids[:-1]))  # nor shown
         assert [next(iter(e)) for e in o.logprobs] == list(ids)  # each step's entry starts with its own token
     assert [o.index for o in outs] == [0, 1]
 
 
 def test_length_penalty_zero_ranks_by_total_logprob():
     outs = _run(BeamSearchParams(beam_width=1, max_tokens=4, length_penalty=0.0)).outputs(None)
-    assert outs[0].token_ids == [EOS]  # p = .3 beats every longer sequence's product
+    assert outs[0].token_ids == [] and outs[0].cumulative_logprob == pytest.approx(math.log(0.3))  # EOS at once
 
 
 def test_ignore_eos_and_include_stop_str():
     outs = _run(BeamSearchParams(beam_width=1, max_tokens=3, ignore_eos=True)).outputs(str)
     assert len(outs[0].token_ids) == 3 and outs[0].finish_reason == "length" and outs[0].stop_reason is None
     shown = _run(BeamSearchParams(beam_width=1, max_tokens=4, include_stop_str_in_output=True)).outputs(str)
-    assert shown[0].text == str(shown[0].token_ids)
+    assert shown[0].token_ids == [5, 7, 8, EOS] and shown[0].text == str([5, 7, 8])  # listed, never shown
 
 
 def test_bad_params_and_output_counts_are_refused():
