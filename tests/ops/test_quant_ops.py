@@ -50,6 +50,25 @@ def test_reference_grouped_mlp_w8a8_equals_per_expert_linears():
         start += c
 
 
+def test_reference_w8a8_keeps_bfloat16_and_empty_inputs():
+    gen = torch.Generator().manual_seed(5)
+    E, D, inter = 3, 48, 40  # D != 2 * inter: the gate/up split is read from w13's rows
+    w13 = [_weights(2 * inter, D, gen, "cpu") for _ in range(E)]
+    w2 = [_weights(D, inter, gen, "cpu") for _ in range(E)]
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, D, generator=gen).bfloat16()
+    out = reference.grouped_mlp_w8a8(x, counts, torch.stack([a for a, _ in w13]), torch.stack([b for _, b in w13]),
+                                     torch.stack([a for a, _ in w2]), torch.stack([b for _, b in w2]))
+    assert out.dtype == torch.bfloat16 and out.shape == (5, D)
+    for e, rows in ((0, slice(0, 2)), (2, slice(2, 5))):
+        h = reference.w8a8_linear(x[rows], *w13[e])
+        assert h.dtype == torch.bfloat16
+        a = (torch.nn.functional.silu(h[:, :inter].float()) * h[:, inter:].float()).bfloat16()
+        assert torch.equal(out[rows], reference.w8a8_linear(a, *w2[e]))
+    empty = reference.int8_matmul(torch.zeros(0, D, dtype=torch.int8), w13[0][0])
+    assert empty.shape == (0, 2 * inter) and empty.dtype == torch.int32
+
+
 def test_checks_name_the_argument():
     q, s = _weights(8, 16, torch.Generator().manual_seed(0), "cpu")
     with pytest.raises(ValueError, match=r"w8a8_linear: weight_scale must be float32 \[8\]"):

@@ -214,12 +214,42 @@ def test_grouped_mlp_reads_the_cuda_backends_packed_weights():
 
 # ---- boundaries the mutation run found unchecked (docs/testing.md)
 def test_mla_cache_write_writes_slot_zero_beside_padding():
-    lat, rope, idx = torch.arange(1.0, 4.0)[:, None].repeat(1, 8), torch.ones(3, 4), torch.ones(3, 6)
-    caches = [torch.zeros(2, 4, d) for d in (8, 4, 6)]
+    # float32 inputs into bfloat16 caches (the model's), rope width 6 != block size 4
+    lat, rope, idx = torch.arange(1.0, 4.0)[:, None].repeat(1, 8), torch.full((3, 6), 2.0), torch.ones(3, 5)
+    caches = [torch.zeros(2, 4, d, dtype=torch.bfloat16) for d in (8, 6, 5)]
     dsa.mla_cache_write(lat, rope, idx, torch.tensor([0, -1, 5]), *caches)
-    flat = caches[0].view(-1, 8)
-    assert torch.equal(flat[0], lat[0]) and torch.equal(flat[5], lat[2])
-    assert int((flat.abs().sum(-1) > 0).sum()) == 2  # the -1 row went nowhere
+    for src, cache in zip((lat, rope, idx), caches):
+        flat = cache.view(-1, cache.shape[-1])
+        assert torch.equal(flat[0], src[0].bfloat16()) and torch.equal(flat[5], src[2].bfloat16())
+        assert int((flat.abs().sum(-1) > 0).sum()) == 2  # the -1 row went nowhere
+    rope_only = torch.zeros(2, 4, 6)
+    dsa.mla_cache_write(lat, rope, idx, torch.tensor([1, 2, 3]), torch.zeros(2, 4, 8), rope_only, None)
+    assert int((rope_only.view(-1, 6).abs().sum(-1) > 0).sum()) == 3  # no index cache: that write is skipped
+
+
+def test_moe_route_default_normalises_and_two_groups():
+    gen = torch.Generator().manual_seed(9)
+    logits, bias = torch.randn(5, 8, generator=gen), torch.randn(8, generator=gen) * 0.1
+    w, ids = moe.moe_route(logits, bias, 2, 2, 1, 1.0)  # norm_topk_prob left at its default (True)
+    assert torch.allclose(w.sum(-1), torch.ones(5), atol=1e-6)
+    want_w, want_ids = direct_route(logits, bias, 2, 2, 1, 1.0, True)
+    assert torch.equal(ids.long().sort(-1).values, want_ids.sort(-1).values)
+    assert ((ids // 4) == (ids[:, :1] // 4)).all()  # one group of two kept: both picks in it
+
+
+def test_moe_unpermute_keeps_the_activation_dtype():
+    x = torch.randn(4, 6).bfloat16()
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 0]])
+    permuted, order, _ = moe.moe_permute(x, ids, 3)
+    back = moe.moe_unpermute(permuted, order, torch.full((4, 2), 0.5))
+    assert back.dtype == torch.bfloat16
+    torch.testing.assert_close(back.float(), x.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_expert_shape_of_plain_and_packed_weights():
+    w = torch.zeros(3, 8, 12)
+    assert moe.expert_shape(w) == (3, 8, 12)
+    assert moe.expert_shape(w.reshape(3, 2, 4, 3, 4).permute(0, 1, 3, 2, 4)) == (3, 8, 12)
 
 
 def test_moe_permute_drops_the_id_equal_to_num_experts_and_keeps_copy_order():
@@ -227,6 +257,7 @@ def test_moe_permute_drops_the_id_equal_to_num_experts_and_keeps_copy_order():
     ids = torch.tensor([[0, E], [-1, 3], [E, 0]])
     permuted, order, counts = moe.moe_permute(torch.arange(3.0)[:, None], ids, E)
     assert counts.tolist() == [2, 0, 0, 1] and order.tolist() == [0, 5, 3]
+    assert moe.moe_permute(torch.zeros(2, 1), torch.tensor([[0, 1], [1, 0]]), E)[2].tolist() == [2, 2, 0, 0]
     # many copies of one expert come out in flat-index order (a stable sort), whatever the sort would do
     many = torch.zeros(3000, k, dtype=torch.long)
     many[::3, 1] = 1
@@ -246,7 +277,8 @@ def test_row_groups_and_tie_flags_on_a_hand_made_tie():
     q, w = torch.ones(7, 2, 8), torch.ones(7, 2)
     cache = torch.zeros(batch.num_blocks, 4, 8)
     flags = torch.zeros(7, dtype=torch.bool)
-    top = dsa.lightning_indexer(q, w, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 2, 1.0,
+    flags[1] = True  # flags are only ever set, never cleared
+    top = dsa.lightning_indexer(q, w, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 3, 1.0,
                                 prompt_lens=torch.tensor([6]), tie_flags=flags)
-    assert flags.tolist() == [False, False, True, True, True, True, False]
-    assert top[0].tolist() == [0, -1] and top[1].sort().values.tolist() == [0, 1]
+    assert flags.tolist() == [False, True, False, True, True, True, False]
+    assert top[0].tolist() == [0, -1, -1] and top[2].sort().values.tolist() == [0, 1, 2]
